@@ -1,0 +1,5 @@
+import sys
+
+from vdisk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `vdisk` command: a dispatcher over subcommand modules in this package.
+
+Each module `vdisk/cli/<name>.py` defines `register(subparsers) -> None`, which adds
+its subcommand with `set_defaults(func=run)`, where `run(args) -> int` returns the
+exit status. Errors of type VdiskError (and OSError about a named file) become one
+line on stderr and exit status 1; argparse errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from vdisk import __version__
+from vdisk.errors import VdiskError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdisk",
+        description="Serve qcow2/raw backing chains as raw files over FUSE, with "
+        "copy-on-read and live block streaming driven over QMP.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vdisk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except VdiskError as e:
+        print(f"vdisk: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vdisk: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vdisk: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

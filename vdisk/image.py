@@ -1,0 +1,89 @@
+"""The interface every format driver implements, and the block-status vocabulary.
+
+Drivers are synchronous and not thread-safe: callers serialize calls on one chain
+(the block device does). Offsets and lengths are bytes in the guest (virtual) view.
+Runtime I/O failures raise OSError with an errno (EIO, ENOSPC, ...); problems found
+at open raise vdisk.errors.ImageError subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Status(enum.Enum):
+    """What one layer says about a range, looking at that layer alone."""
+
+    DATA = "data"  # this layer holds the bytes
+    ZERO = "zero"  # this layer says the range reads as zeroes (v3 zero cluster)
+    UNALLOCATED = "unallocated"  # this layer defers to its backing file
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of bytes with one status in one layer."""
+
+    offset: int
+    length: int
+    status: Status
+
+
+class Image(abc.ABC):
+    """One open image file (one layer of a chain)."""
+
+    format_name: str = ""  # "qcow2" or "raw"
+
+    path: str  # as opened (absolute)
+    read_only: bool
+    virtual_size: int
+    cluster_size: int  # allocation granularity; raw reports 65536
+    backing: Image | None  # the opened backing image, attached by the chain opener
+    backing_name: str | None  # the backing file name as stored in the header
+    backing_format: str | None  # from the backing-format extension, or None
+
+    @abc.abstractmethod
+    def layer_status(self, offset: int, length: int) -> Extent:
+        """Status of the run starting at offset, in this layer alone, at most length bytes."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest view of the range: this layer, falling back to self.backing, else zeroes.
+
+        Bytes past the end of a shorter backing image read as zeroes.
+        """
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write data; partial clusters are completed from the backing chain (COW)."""
+
+    @abc.abstractmethod
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make the range read as zeroes (zero clusters where aligned and supported)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every write acknowledged so far durable (data, then metadata, fdatasync)."""
+
+    @abc.abstractmethod
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the header to name a new backing file (None drops it); durable on return.
+
+        Does not reopen anything: the caller attaches the new backing image.
+        """
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Keys as `qemu-img info --output=json` gives them for this one file."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush if writable, release locks, close the file. Idempotent."""
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
