@@ -1,0 +1,371 @@
+"""Block jobs: the job manager and the stream job's state machine.
+
+A stream job copies into a drive's top image every range the top lacks that an image
+above `base` holds, chunk by chunk, then flushes, points the top's backing file at
+`base` (or drops it) and switches the live chain. Jobs belong to the daemon: the
+manager runs them in a nursery given by its owner and reports through `emit`.
+
+States (the QAPI JobStatus names used here): created -> running <-> paused ->
+aborting (cancelled or failed) | pending (finishing) -> concluded. A job is listed
+until its final event (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED) is emitted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from control.errors import QMPError
+from control.ratelimit import RateLimiter
+from vdisk.image import Image, Status
+
+CHUNK = 1 << 20  # bytes copied per step when unthrottled (see report for measurement)
+ON_ERROR = ("report", "stop", "ignore")
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+Emit = Callable[[str, dict[str, Any]], None]
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+class StreamDevice(Protocol):
+    """What a stream job needs from a block device (vdisk.device.BlockDevice)."""
+
+    top: Image
+    size: int
+    read_only: bool
+
+    async def copy_up(self, offset: int, length: int, *, base: Image | None = None) -> int: ...
+
+    async def flush(self) -> None: ...
+
+    async def set_backing(self, new_backing: Image | None) -> None: ...
+
+
+StatusFn = Callable[[int, int], Awaitable[tuple[int, int | None, Status]]]
+
+
+def chain_below(top: Image) -> list[tuple[Image, Image]]:
+    """(overlay, image) pairs for every image below top, nearest first."""
+    pairs = []
+    upper, img = top, top.backing
+    while img is not None:
+        pairs.append((upper, img))
+        upper, img = img, img.backing
+    return pairs
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def find_base(top: Image, base: str) -> Image:
+    """The image below top that `base` names (stored backing name or same file)."""
+    for upper, img in chain_below(top):
+        if base == upper.backing_name:
+            return img
+    for _, img in chain_below(top):
+        if _same_file(base, img.path):
+            return img
+    raise QMPError("BaseNotFound", f"Base '{base}' not found")
+
+
+def error_operation(exc: OSError) -> str:
+    """'write' for errors that come from writing the top, else 'read'."""
+    op = getattr(exc, "operation", None)
+    if op in ("read", "write"):
+        return str(op)
+    return "write" if exc.errno in WRITE_ERRNOS else "read"
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+class StreamJob:
+    """One stream job on one drive. Drive it with `await job.run()`."""
+
+    type = "stream"
+
+    def __init__(
+        self,
+        job_id: str,
+        device: StreamDevice,
+        *,
+        base: Image | None = None,
+        speed: int = 0,
+        on_error: str = "report",
+        emit: Emit | None = None,
+        status_fn: StatusFn | None = None,
+        chunk: int = CHUNK,
+        on_finish: Callable[[StreamJob], None] | None = None,
+    ) -> None:
+        if speed < 0:
+            raise QMPError("GenericError", "Parameter 'speed' expects a non-negative value")
+        if on_error not in ON_ERROR:
+            raise QMPError("GenericError", f"Parameter 'on-error' does not accept value '{on_error}'")
+        self.id = job_id
+        self.device = device
+        self.base = base
+        self.len = device.size
+        self.offset = 0
+        self.speed = speed
+        self.on_error = on_error
+        self.status = "created"
+        self.busy = False
+        self.paused = False  # a pause was requested (by the user or the stop policy)
+        self.io_status = "ok"
+        self.error: str | None = None
+        self.cancel_requested = False
+        self.copied = 0
+        self._emit = emit or (lambda name, data: None)
+        self._status_fn = status_fn or self._default_status
+        self._on_finish = on_finish
+        self._chunk = max(chunk, device.top.cluster_size)
+        self._limiter = RateLimiter(speed)
+        self._wake = trio.Event()
+        self.done = trio.Event()
+
+    # ---- control (sync: safe to call from any task in the same trio run) ----
+
+    def set_speed(self, speed: int) -> None:
+        if speed < 0:
+            raise QMPError("GenericError", "Parameter 'speed' expects a non-negative value")
+        self.speed = speed
+        self._limiter.set_speed(speed)
+        self._kick()
+
+    def cancel(self) -> None:
+        if self.cancel_requested:
+            raise QMPError("DeviceInUse", f"Block job '{self.id}' is already being cancelled")
+        self.cancel_requested = True
+        self._kick()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._kick()
+
+    def resume(self) -> None:
+        if not self.paused:
+            raise QMPError("GenericError", f"Job '{self.id}' is not paused")
+        self.paused = False
+        self.io_status = "ok"
+        self._kick()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "device": self.id,
+            "len": self.len,
+            "offset": self.offset,
+            "speed": self.speed,
+            "busy": self.busy,
+            "paused": self.paused,
+            "ready": False,
+            "status": self.status,
+            "io-status": self.io_status,
+        }
+
+    def _kick(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    # ---- the job ----
+
+    async def _default_status(self, offset: int, length: int) -> tuple[int, int | None, Status]:
+        fn = getattr(self.device, "block_status", None)
+        if fn is not None:
+            return await fn(offset, length, base=self.base)
+        from vdisk.chain import chain_status
+
+        return chain_status(self.device.top, offset, length, base=self.base)
+
+    def _step_size(self) -> int:
+        """Bytes to copy in one step: a chunk, or one slice's quota when throttled."""
+        cluster = self.device.top.cluster_size
+        quota = self._limiter.quota()
+        if quota == 0:
+            return self._chunk
+        return max(cluster, min(self._chunk, quota // cluster * cluster))
+
+    async def _checkpoint(self) -> bool:
+        """Wait out the rate limit and any pause; False once cancelled."""
+        while not self.cancel_requested:
+            if self.paused:
+                self.status, self.busy = "paused", False
+                await self._wake.wait()
+                continue
+            delay = self._limiter.delay(trio.current_time())
+            if delay <= 0:
+                break
+            self.busy = False
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+        self.status, self.busy = "running", True
+        await trio.lowlevel.checkpoint()  # let user I/O run between chunks
+        return not self.cancel_requested
+
+    async def _handle_error(self, exc: OSError) -> str:
+        """Apply the on-error policy; returns 'retry', 'skip' or 'stop'."""
+        op = error_operation(exc)
+        action = self.on_error
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": op, "action": action})
+        if action == "stop":
+            self.io_status = "nospace" if exc.errno == errno.ENOSPC else "failed"
+            self.paused = True
+            return "retry"
+        if self.error is None:
+            self.error = error_text(exc)
+        return "skip" if action == "ignore" else "stop"
+
+    async def _copy_all(self) -> None:
+        while self.offset < self.len:
+            if not await self._checkpoint():
+                return
+            run, depth, _status = await self._status_fn(self.offset, self.len - self.offset)
+            run = max(1, min(run, self.len - self.offset))
+            if depth is not None and depth > 0:
+                run = min(run, self._step_size())
+                try:
+                    copied = await self.device.copy_up(self.offset, run, base=self.base)
+                except OSError as exc:
+                    verdict = await self._handle_error(exc)
+                    if verdict == "retry":
+                        continue
+                    if verdict == "stop":
+                        return
+                    copied = 0
+                self.copied += copied
+                self._limiter.charge(copied, trio.current_time())
+            self.offset += run
+
+    async def run(self) -> None:
+        """Run to the end and emit the final event (also when cancelled from outside)."""
+        self.status, self.busy = "running", True
+        final: tuple[str, dict[str, Any]] | None = None
+        try:
+            await self._copy_all()
+            if self.cancel_requested:
+                self.status = "aborting"
+                final = ("BLOCK_JOB_CANCELLED", self._event_data())
+            elif self.error is not None:
+                self.status = "aborting"
+                final = ("BLOCK_JOB_COMPLETED", self._event_data(error=self.error))
+            else:
+                self.status = "pending"
+                try:
+                    await self._finish()
+                except OSError as exc:
+                    self.error = error_text(exc)
+                final = ("BLOCK_JOB_COMPLETED", self._event_data(error=self.error))
+        finally:
+            self.status, self.busy = "concluded", False
+            if final is None:  # torn down from outside (daemon stop): still say so
+                final = ("BLOCK_JOB_CANCELLED", self._event_data())
+            if self._on_finish is not None:
+                self._on_finish(self)
+            self._emit(*final)
+            self.done.set()
+
+    async def _finish(self) -> None:
+        """Flush what was copied, then repoint the header and switch the live chain."""
+        await self.device.flush()
+        if self.device.top.backing is not self.base:
+            await self.device.set_backing(self.base)
+
+    def _event_data(self, error: str | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "type": self.type,
+            "device": self.id,
+            "len": self.len,
+            "offset": self.offset,
+            "speed": self.speed,
+        }
+        if error is not None:
+            data["error"] = error
+        return data
+
+
+class JobManager:
+    """All block jobs of one daemon, by job id; at most one job per drive."""
+
+    def __init__(self, emit: Emit, spawn: Spawn) -> None:
+        self._emit = emit
+        self._spawn = spawn
+        self._jobs: dict[str, StreamJob] = {}
+        self._drive_of: dict[str, str] = {}  # job id -> drive id
+
+    def jobs(self) -> list[StreamJob]:
+        return list(self._jobs.values())
+
+    def job_on_drive(self, drive: str) -> StreamJob | None:
+        for job_id, d in self._drive_of.items():
+            if d == drive:
+                return self._jobs[job_id]
+        return None
+
+    def find(self, name: str) -> StreamJob:
+        """The job with this id, or the job on the drive of this name."""
+        job = self._jobs.get(name) or self.job_on_drive(name)
+        if job is None:
+            raise QMPError("DeviceNotActive", f"No active block job on device '{name}'")
+        return job
+
+    def start_stream(
+        self,
+        drive: str,
+        device: StreamDevice,
+        *,
+        job_id: str | None = None,
+        base: str | None = None,
+        speed: int = 0,
+        on_error: str = "report",
+    ) -> StreamJob:
+        """Check everything, then start the job in the background and return it."""
+        job_id = job_id if job_id is not None else drive
+        if self.job_on_drive(drive) is not None:
+            raise QMPError("DeviceInUse", f"Device '{drive}' is in use")
+        if job_id in self._jobs:
+            raise QMPError("DeviceInUse", f"Job ID '{job_id}' already in use")
+        if device.top.format_name != "qcow2":
+            raise QMPError(
+                "NotSupported",
+                f"Device '{drive}' cannot stream: its top image is {device.top.format_name}",
+            )
+        if device.read_only:
+            raise QMPError("NotSupported", f"Device '{drive}' is read-only")
+        base_img = find_base(device.top, base) if base is not None else None
+        job = StreamJob(
+            job_id,
+            device,
+            base=base_img,
+            speed=speed,
+            on_error=on_error,
+            emit=self._emit,
+            on_finish=self._forget,
+        )
+        self._jobs[job_id] = job
+        self._drive_of[job_id] = drive
+        self._spawn(job.run)
+        return job
+
+    def _forget(self, job: StreamJob) -> None:
+        self._jobs.pop(job.id, None)
+        self._drive_of.pop(job.id, None)
+
+    async def cancel_all(self) -> None:
+        """Cancel every job and wait until each has emitted its final event."""
+        jobs = self.jobs()
+        for job in jobs:
+            if not job.cancel_requested:
+                job.cancel()
+        for job in jobs:
+            await job.done.wait()
