@@ -1,0 +1,285 @@
+"""The trio layer of the QMP server: moves bytes between sockets and the sans-IO core.
+
+One task group per client: a reader feeding requests (in order) to a processor that runs
+the commands one after the other, a writer draining a bounded outgoing queue, and an event
+forwarder. A client is dropped when its outgoing queue or event subscription is full, so a
+client that never reads cannot block the daemon, the event bus or other clients.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as stdsocket
+import stat
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from control.backend import Backend
+from control.builtin import CAPABILITIES, version_info
+from control.errors import QMPError
+from control.events import EventBus
+from control.protocol import DEFAULT_MAX_MESSAGE_SIZE, Connection, InputError, Request
+from control.registry import Context, Registry
+from vdisk.errors import VdiskError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 65536
+DEFAULT_OUTGOING_QUEUE = 256  # messages queued for one client before it is dropped
+DEFAULT_PENDING_REQUESTS = 32  # parsed requests of one client waiting to run
+AFTER_REPLY_WAIT = 2.0  # seconds to wait for an answer to be written before its hooks run
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    outgoing_queue: int = DEFAULT_OUTGOING_QUEUE
+    pending_requests: int = DEFAULT_PENDING_REQUESTS
+    event_buffer: int = DEFAULT_OUTGOING_QUEUE
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse a live socket or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise VdiskError(f"{path}: exists and is not a socket")
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise VdiskError(f"{path}: cannot check the existing socket: {e.strerror or e}") from e
+    finally:
+        probe.close()
+    raise VdiskError(f"{path}: another server is listening on this socket")
+
+
+async def bind_socket(path: str, backlog: int = 128) -> trio.socket.SocketType:
+    """A listening UNIX socket at `path`, mode 0600 from creation on."""
+    if len(os.fsencode(path)) >= 108:
+        raise VdiskError(f"{path}: socket path too long (at most 107 bytes)")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise VdiskError(f"{path}: directory {parent} does not exist")
+    _remove_stale_socket(path)
+    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise VdiskError(f"{path}: cannot listen: {e.strerror or e}") from e
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket."""
+    raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def peer_allowed(uid: int) -> bool:
+    """Only our own uid and root may use the control socket."""
+    return uid == os.getuid() or uid == 0
+
+
+_Out = tuple[bytes, trio.Event | None]
+
+
+class _Session:
+    """One client connection."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        label: str,
+        registry: Registry,
+        backend: Backend,
+        events: EventBus,
+        config: ServerConfig,
+    ) -> None:
+        self.stream = stream
+        self.label = label
+        self.registry = registry
+        self.backend = backend
+        self.events = events
+        self.conn = Connection(max_message_size=config.max_message_size)
+        self.config = config
+        self.out_send, self.out_recv = trio.open_memory_channel[_Out](config.outgoing_queue)
+        self.req_send, self.req_recv = trio.open_memory_channel[Request | InputError](
+            config.pending_requests
+        )
+        self.scope = trio.CancelScope()
+
+    def drop(self, why: str) -> None:
+        log.warning("QMP client %s dropped: %s", self.label, why)
+        self.scope.cancel()
+
+    def enqueue(self, data: bytes, done: trio.Event | None = None) -> bool:
+        """Queue one message; a full queue drops the client. Never blocks."""
+        try:
+            self.out_send.send_nowait((data, done))
+            return True
+        except trio.WouldBlock:
+            self.drop("outgoing queue full (client does not read)")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return False
+
+    async def run(self) -> None:
+        with self.scope, self.events.subscribe(self.config.event_buffer) as event_recv:
+            self.enqueue(self.conn.send_greeting(version_info(), CAPABILITIES))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.reader)
+                nursery.start_soon(self.processor)
+                nursery.start_soon(self.writer)
+                nursery.start_soon(self.forward_events, event_recv)
+
+    async def reader(self) -> None:
+        async with self.req_send:
+            while not self.conn.broken:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                for item in self.conn.receive_data(data):
+                    await self.req_send.send(item)
+
+    async def processor(self) -> None:
+        async with self.out_send:
+            async for item in self.req_recv:
+                if isinstance(item, InputError):
+                    self.enqueue(self.conn.send_error(item.error, item.id))
+                    if item.fatal:
+                        return
+                    continue
+                refusal = self.conn.admit(item)
+                if refusal is not None:
+                    self.enqueue(self.conn.send_error(refusal, item.id))
+                    continue
+                await self.run_command(item)
+
+    async def run_command(self, request: Request) -> None:
+        ctx = Context(self.backend, self.events, self.registry, client=self.label)
+        try:
+            result = await self.registry.execute(ctx, request.name, request.arguments)
+            data = self.conn.send_return(request, result)
+        except QMPError as e:
+            data = self.conn.send_error(e, request.id)
+        if not ctx.after_reply:
+            self.enqueue(data)
+            return
+        done = trio.Event()
+        try:
+            if self.enqueue(data, done):
+                with trio.move_on_after(AFTER_REPLY_WAIT):
+                    await done.wait()
+        finally:
+            for hook in ctx.after_reply:
+                hook()
+
+    async def writer(self) -> None:
+        async with self.out_recv:
+            async for data, done in self.out_recv:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.drop("connection lost")
+                    return
+                if done is not None:
+                    done.set()
+        # The processor finished (client EOF or fatal input error) and all was written.
+        self.scope.cancel()
+
+    async def forward_events(self, event_recv: trio.MemoryReceiveChannel) -> None:
+        async for event in event_recv:
+            data = self.conn.send_event(event)
+            if data is not None:
+                self.enqueue(data)
+        self.drop("too many undelivered events")
+
+
+async def _serve_client(
+    stream: trio.SocketStream,
+    registry: Registry,
+    backend: Backend,
+    events: EventBus,
+    config: ServerConfig,
+) -> None:
+    try:
+        try:
+            pid, uid, _gid = peer_credentials(stream.socket)
+        except OSError as e:
+            log.warning("QMP: cannot read peer credentials: %s", e)
+            return
+        if not peer_allowed(uid):
+            log.warning("QMP: refused client pid %d uid %d", pid, uid)
+            return
+        label = f"pid {pid} uid {uid}"
+        await _Session(stream, label, registry, backend, events, config).run()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_qmp(
+    socket_path: str,
+    registry: Registry,
+    backend: Backend,
+    events: EventBus,
+    *,
+    config: ServerConfig | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve QMP on a UNIX socket until cancelled; started() once listening.
+
+    On exit (cancel or error) every connection is closed and the socket file removed.
+    """
+    config = config or ServerConfig()
+    path = os.path.abspath(socket_path)
+    sock = await bind_socket(path)
+    st = os.stat(path)
+    identity = (st.st_dev, st.st_ino)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:
+                    if e.errno not in _ACCEPT_RETRY_ERRNOS:
+                        raise
+                    log.error("QMP accept failed: %s; retrying", e)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(_serve_client, stream, registry, backend, events, config)
+    finally:
+        sock.close()
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == identity:
+                os.unlink(path)
+        except OSError:
+            pass
