@@ -103,6 +103,7 @@ class StreamJob:
         base: Image | None = None,
         speed: int = 0,
         on_error: str = "report",
+        backing_file: str | None = None,
         emit: Emit | None = None,
         status_fn: StatusFn | None = None,
         chunk: int = CHUNK,
@@ -119,6 +120,7 @@ class StreamJob:
         self.offset = 0
         self.speed = speed
         self.on_error = on_error
+        self.backing_file = backing_file  # name to store instead of base's own
         self.status = "created"
         self.busy = False
         self.paused = False  # a pause was requested (by the user or the stop policy)
@@ -181,12 +183,17 @@ class StreamJob:
     # ---- the job ----
 
     async def _default_status(self, offset: int, length: int) -> tuple[int, int | None, Status]:
-        fn = getattr(self.device, "block_status", None)
+        """Block status above base, serialized with the device's other engine calls."""
+        dev: Any = self.device
+        fn = getattr(dev, "block_status", None)
         if fn is not None:
             return await fn(offset, length, base=self.base)
-        from vdisk.chain import chain_status
+        from vdisk.device import status_above
 
-        return chain_status(self.device.top, offset, length, base=self.base)
+        inline = getattr(dev, "_inline", None)
+        if inline is not None:
+            return await inline(status_above, dev.top, offset, length, self.base)
+        return status_above(dev.top, offset, length, self.base)
 
     def _step_size(self) -> int:
         """Bytes to copy in one step: a chunk, or one slice's quota when throttled."""
@@ -227,6 +234,10 @@ class StreamJob:
         return "skip" if action == "ignore" else "stop"
 
     async def _copy_all(self) -> None:
+        top = self.device.top
+        if top.backing is None or top.backing is self.base:
+            self.offset = self.len  # nothing above base to copy
+            return
         while self.offset < self.len:
             if not await self._checkpoint():
                 return
@@ -328,6 +339,7 @@ class JobManager:
         base: str | None = None,
         speed: int = 0,
         on_error: str = "report",
+        backing_file: str | None = None,
     ) -> StreamJob:
         """Check everything, then start the job in the background and return it."""
         job_id = job_id if job_id is not None else drive
@@ -349,6 +361,7 @@ class JobManager:
             base=base_img,
             speed=speed,
             on_error=on_error,
+            backing_file=backing_file,
             emit=self._emit,
             on_finish=self._forget,
         )

@@ -1,0 +1,106 @@
+"""The block job QMP commands, in the seed's spelling and QEMU's modern one.
+
+block_stream / block-stream, block_job_set_speed / block-job-set-speed,
+block_job_cancel / block-job-cancel, block-job-pause, block-job-resume, query-block-jobs.
+
+The daemon wires them with `register_block_jobs(registry, manager, lookup)`, where
+`lookup(drive_id)` returns the drive's BlockDevice or None. When `manager`/`lookup`
+are not given, they are taken from the backend at call time (`ctx.backend.jobs` and
+`ctx.backend.block_device(drive_id)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from control.errors import QMPError
+from control.jobs import JobManager, StreamDevice
+from control.registry import Context, Enum, Registry
+
+Lookup = Callable[[str], StreamDevice | None]
+
+ON_ERROR = Enum("report", "stop", "ignore")
+NEGATIVE_SPEED = "Parameter 'speed' expects a non-negative value"
+
+
+def register_block_jobs(
+    registry: Registry, manager: JobManager | None = None, lookup: Lookup | None = None
+) -> None:
+    """Add every block job command (with its aliases) to `registry`."""
+
+    def jobs(ctx: Context) -> JobManager:
+        return manager if manager is not None else ctx.backend.jobs  # type: ignore[attr-defined]
+
+    def device(ctx: Context, drive: str) -> StreamDevice:
+        find = lookup if lookup is not None else ctx.backend.block_device  # type: ignore[attr-defined]
+        dev = find(drive)
+        if dev is None:
+            raise QMPError("DeviceNotFound", f"Device '{drive}' not found")
+        return dev
+
+    def check_speed(speed: int) -> int:
+        if speed < 0:
+            raise QMPError("GenericError", NEGATIVE_SPEED)
+        return speed
+
+    async def stream(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        drive = args["device"]
+        speed = check_speed(args.get("speed", 0))
+        dev = device(ctx, drive)
+        jobs(ctx).start_stream(
+            drive,
+            dev,
+            job_id=args.get("job-id"),
+            base=args.get("base"),
+            speed=speed,
+            on_error=args.get("on-error", "report"),
+            backing_file=args.get("backing-file"),
+        )
+        return {}
+
+    async def set_speed_old(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        speed = check_speed(args["value"])
+        jobs(ctx).find(args["device"]).set_speed(speed)
+        return {}
+
+    async def set_speed(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        speed = check_speed(args["speed"])
+        jobs(ctx).find(args["device"]).set_speed(speed)
+        return {}
+
+    async def cancel(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        jobs(ctx).find(args["device"]).cancel()
+        return {}
+
+    async def pause(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        jobs(ctx).find(args["device"]).pause()
+        return {}
+
+    async def resume(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        jobs(ctx).find(args["device"]).resume()
+        return {}
+
+    async def query(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [job.info() for job in jobs(ctx).jobs()]
+
+    registry.add("block_stream", {"device": "str", "*base": "str"}, stream)
+    registry.add(
+        "block-stream",
+        {
+            "device": "str",
+            "*job-id": "str",
+            "*base": "str",
+            "*speed": "int",
+            "*on-error": ON_ERROR,
+            "*backing-file": "str",
+        },
+        stream,
+    )
+    registry.add("block_job_set_speed", {"device": "str", "value": "int"}, set_speed_old)
+    registry.add("block-job-set-speed", {"device": "str", "speed": "int"}, set_speed)
+    registry.add("block_job_cancel", {"device": "str"}, cancel)
+    registry.add("block-job-cancel", {"device": "str", "*force": "bool"}, cancel)
+    registry.add("block-job-pause", {"device": "str"}, pause)
+    registry.add("block-job-resume", {"device": "str"}, resume)
+    registry.add("query-block-jobs", None, query)
