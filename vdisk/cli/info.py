@@ -1,0 +1,110 @@
+"""`vdisk info`: what `qemu-img info` says about an image (and its backing chain)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vdisk.chain import close_chain, iter_chain, path_combine
+from vdisk.cli._common import layer_names, open_top, size_to_str
+from vdisk.image import Image
+
+_BACKING_KEYS = ("backing-filename", "full-backing-filename", "backing-filename-format")
+
+
+def layer_info(img: Image, name: str) -> dict[str, Any]:
+    """The qemu-img info keys for one opened image, named as the user (or chain) names it."""
+    info = dict(img.info())
+    info["filename"] = name
+    for key in _BACKING_KEYS:
+        info.pop(key, None)
+    if img.backing_name:
+        info["backing-filename"] = img.backing_name
+        info["full-backing-filename"] = path_combine(name, img.backing_name)
+        if img.backing_format:
+            info["backing-filename-format"] = img.backing_format
+    return info
+
+
+def _dump(value: Any, indent: int, lines: list[str]) -> None:
+    """qemu-img's dump of format-specific data: dashes become spaces, 4-space levels."""
+    pad = " " * (4 * indent)
+    items = value.items() if isinstance(value, dict) else (
+        (f"[{i}]", v) for i, v in enumerate(value)
+    )
+    for key, val in items:
+        label = f"{pad}{str(key).replace('-', ' ')}:"
+        if isinstance(val, (dict, list)):
+            lines.append(label)
+            _dump(val, indent + 1, lines)
+        else:
+            lines.append(f"{label} {_scalar(val)}")
+
+
+def _scalar(val: Any) -> str:
+    if isinstance(val, bool):
+        return "true" if val else "false"
+    return str(val)
+
+
+def human(info: dict[str, Any]) -> str:
+    """One image's block of `qemu-img info` human output."""
+    vs = info["virtual-size"]
+    actual = info.get("actual-size")
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(vs)} ({vs} bytes)",
+        f"disk size: {size_to_str(actual) if actual is not None else 'unavailable'}",
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    spec = info.get("format-specific")
+    if isinstance(spec, dict) and isinstance(spec.get("data"), dict):
+        lines.append("Format specific information:")
+        _dump(spec["data"], 1, lines)
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    top = open_top(args.file, args.format, chain=args.backing_chain,
+                   force_share=args.force_share)
+    try:
+        layers = list(iter_chain(top)) if args.backing_chain else [top]
+        names = layer_names(top, args.file)
+        infos = [layer_info(img, names[i]) for i, img in enumerate(layers)]
+    finally:
+        close_chain(top)
+    if args.output == "json":
+        doc: Any = infos if args.backing_chain else infos[0]
+        sys.stdout.write(json.dumps(doc, indent=4) + "\n")
+    else:
+        sys.stdout.write("\n".join(human(i) for i in infos))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("info", help="show an image's format, size and backing file")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-f", "--format", help="image format (qcow2 or raw); probed if omitted")
+    p.add_argument("--backing-chain", action="store_true", help="show every image of the chain")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open without locks (the image may be in use)")
+    p.set_defaults(func=run)

@@ -1,0 +1,271 @@
+"""The raw format: the file is the guest disk, byte for byte.
+
+A raw image has no backing file and no metadata. Its virtual size is the file size
+rounded up to 512 bytes, as QEMU reports it; it never grows. Holes in the file
+(SEEK_HOLE) read as zeroes and are reported as Status.ZERO.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from typing import Any
+
+from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
+from vdisk.image import Extent, Image, Status
+from vdisk.locking import lock_image, perms_for, unlock_image
+
+SECTOR = 512
+RAW_CLUSTER_SIZE = 65536
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Linux fallocate(2) with mode flags; raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+class RawImage(Image):
+    """An open raw image file."""
+
+    format_name = "raw"
+
+    def __init__(self, path: str, fd: int, *, read_only: bool, locked: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.read_only = read_only
+        self._locked = locked
+        self._closed = False
+        self.virtual_size = round_up(os.fstat(fd).st_size, SECTOR)
+        self.cluster_size = RAW_CLUSTER_SIZE
+        self.backing = None
+        self.backing_name = None
+        self.backing_format = None
+        self._can_punch = True
+        self._can_zero_range = True
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path}: image is closed")
+
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyError(self.path, "image is open read-only")
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"{self.path}: negative offset or length")
+        if offset + length > self.virtual_size:
+            raise OSError(
+                errno.ENOSPC,
+                f"{self.path}: write at {offset}+{length} beyond the virtual size "
+                f"{self.virtual_size}",
+            )
+
+    # -- Image API ---------------------------------------------------------------------
+
+    def layer_status(self, offset: int, length: int) -> Extent:
+        self._check_open()
+        if offset < 0 or length <= 0 or offset >= self.virtual_size:
+            raise OSError(errno.EINVAL, f"{self.path}: bad status range {offset}+{length}")
+        length = min(length, self.virtual_size - offset)
+        file_size = os.fstat(self.fd).st_size
+        if offset >= file_size:
+            return Extent(offset, length, Status.ZERO)
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to EOF
+                return Extent(offset, length, Status.ZERO)
+            return Extent(offset, length, Status.DATA)  # no SEEK_DATA support
+        if data > offset:
+            return Extent(offset, min(length, data - offset), Status.ZERO)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            hole = file_size
+        return Extent(offset, max(1, min(length, hole - offset)), Status.DATA)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read the range; bytes past the end of the file (or image) read as zeroes."""
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"{self.path}: negative offset or length")
+        parts: list[bytes] = []
+        got = 0
+        while got < length:
+            chunk = os.pread(self.fd, length - got, offset + got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        if got < length:
+            parts.append(bytes(length - got))
+        return b"".join(parts)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._check_write(offset, len(view))
+        done = 0
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.path}: short write")
+            done += n
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._check_write(offset, length)
+        if length == 0:
+            return
+        file_size = os.fstat(self.fd).st_size
+        # Past EOF (inside the 512-byte rounding) the file already reads as zeroes.
+        end = min(offset + length, file_size)
+        if end <= offset:
+            return
+        length = end - offset
+        if unmap and self._can_punch:
+            try:
+                fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._can_zero_range = False
+        zeroes = bytes(min(length, _ZERO_CHUNK))
+        pos = offset
+        while pos < end:
+            n = min(end - pos, len(zeroes))
+            self.write(pos, zeroes[:n])
+            pos += n
+
+    def flush(self) -> None:
+        self._check_open()
+        if not self.read_only:
+            os.fdatasync(self.fd)
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        if name is None:
+            return
+        raise UnsupportedImageError(self.path, "a raw image cannot have a backing file")
+
+    def info(self) -> dict[str, Any]:
+        st = os.fstat(self.fd)
+        return {
+            "virtual-size": self.virtual_size,
+            "filename": self.path,
+            "format": "raw",
+            "actual-size": st.st_blocks * 512,
+            "dirty-flag": False,
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                os.fdatasync(self.fd)
+        finally:
+            self._closed = True
+            if self._locked:
+                unlock_image(self.fd)
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.read_only else "rw"
+        return f"RawImage({self.path!r}, {mode}, size={self.virtual_size})"
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ('a directory', 'a FIFO', ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _open_fd(path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError(path, "No such file or directory") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image file") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise ImageError(path, f"is {kind}, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_raw(path: str, *, read_only: bool, force_share: bool = False) -> RawImage:
+    """Open a raw image, taking QEMU's locks (none with force_share, read-only only)."""
+    path = os.path.abspath(path)
+    if force_share and not read_only:
+        raise ImageError(path, "force-share is only allowed for read-only opens")
+    fd = _open_fd(path, os.O_RDONLY if read_only else os.O_RDWR)
+    try:
+        if not force_share:
+            held, unshared = perms_for(writable=not read_only, metadata=False)
+            lock_image(fd, path, held, unshared)
+        return RawImage(path, fd, read_only=read_only, locked=not force_share)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def create_raw(path: str, size: int) -> None:
+    """Create (or truncate) a raw image of size bytes, rounded up to 512 like qemu-img."""
+    if size < 0:
+        raise ImageError(path, "image size must not be negative")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise ImageError(path, f"cannot create: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(path, "not a regular file")
+        held, unshared = perms_for(writable=True, metadata=False)
+        lock_image(fd, path, held, unshared)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, round_up(size, SECTOR))
+            os.fsync(fd)
+        finally:
+            unlock_image(fd)
+    finally:
+        os.close(fd)
