@@ -1,0 +1,289 @@
+"""The `vdisk serve` daemon: FUSE and the QMP server in one trio run.
+
+Lifecycle: prepare the mount point (clear a stale vdisk mount), open every chain (locks
+taken), mount, run FUSE, then listen on the QMP socket (it appears only once the mount
+is live), and serve until SIGTERM, SIGINT, QMP `quit` or an external unmount. Stopping:
+cancel block jobs, let in-flight FUSE requests finish, flush every drive, stop QMP,
+unmount, close the chains (locks released); the socket file is removed.
+
+The daemon is the QMP backend: `drives()`, `request_quit()`, `block_device(id)`, `jobs`
+(the JobManager), `spawn(fn)` (background tasks such as block jobs, cancelled before the
+final flush) and `events` (the EventBus).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from control.block_jobs import register_block_jobs
+from control.blockinfo import block_info
+from control.builtin import make_registry
+from control.events import EventBus
+from control.jobs import JobManager
+from control.server import serve_qmp
+from vdisk import fuse_hook
+from vdisk.chain import close_chain, open_chain
+from vdisk.device import BlockDevice
+from vdisk.errors import VdiskError
+from vdisk.fusefs import DriveFS, mount_options
+from vdisk.mounts import prepare_mountpoint
+
+log = logging.getLogger("vdisk")
+
+FUSE_MIN_TASKS = 4
+FUSE_MAX_TASKS = 32
+MOUNT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """One --drive option."""
+
+    id: str
+    file: str
+    format: str | None = None
+    copy_on_read: bool | None = None  # None: on for read-write drives
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    mount: str
+    qmp: str
+    drives: tuple[DriveSpec, ...]
+    allow_other: bool = False
+    engine_threads: bool = False  # run every engine call in a worker thread (measurements)
+
+
+@dataclass
+class Drive:
+    """A served drive: its options and its block device (the QMP DriveView)."""
+
+    spec: DriveSpec
+    device: BlockDevice
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def query_block(self) -> dict[str, Any]:
+        return block_info(self.spec.id, self.device.top, self.device.read_only)
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one interesting exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(inner) != 1:
+            break
+        exc = inner[0]
+    return exc
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.mount = os.path.abspath(config.mount)
+        self.qmp_path = os.path.abspath(config.qmp)
+        self._drives: dict[str, Drive] = {}
+        self.events = EventBus()
+        self.registry = make_registry()
+        register_block_jobs(self.registry)
+        self.jobs = JobManager(self.events.emit, self.spawn)
+        self.nursery: trio.Nursery | None = None  # background tasks (block jobs)
+        self.stop_hooks: list[Callable[[], Awaitable[None]]] = [self.jobs.cancel_all]
+        self._quit = trio.Event()
+        self._quit_reason = "host-qmp-quit"
+        self._jobs_scope = trio.CancelScope()
+        self._qmp_scope = trio.CancelScope()
+        self._fuse_done = trio.Event()
+        self._jobs_done = trio.Event()
+        self.failed = False
+        self._ops: DriveFS
+
+    # -- backend API (control.backend.Backend and the block job commands) ----------
+
+    def drives(self) -> Mapping[str, Drive]:
+        return self._drives
+
+    def block_device(self, drive_id: str) -> BlockDevice | None:
+        drive = self._drives.get(drive_id)
+        return drive.device if drive is not None else None
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run fn in the background; such tasks are cancelled first when the daemon stops."""
+        if self.nursery is None:
+            raise RuntimeError("the daemon is not running")
+        self.nursery.start_soon(fn)
+
+    def request_quit(self, reason: str = "host-qmp-quit") -> None:
+        if not self._quit.is_set():
+            self._quit_reason = reason
+            self._quit.set()
+
+    # -- start-up ------------------------------------------------------------------
+
+    def _open_drives(self) -> None:
+        try:
+            for spec in self.config.drives:
+                top = open_chain(spec.file, fmt=spec.format, read_only=spec.read_only)
+                cor = (not spec.read_only) if spec.copy_on_read is None else spec.copy_on_read
+                device = BlockDevice(
+                    spec.id, top, copy_on_read=cor, read_only=spec.read_only,
+                    engine_threads=self.config.engine_threads,
+                )
+                self._drives[spec.id] = Drive(spec, device)
+        except BaseException:
+            self._close_drives_sync()
+            raise
+
+    def _close_drives_sync(self) -> None:
+        for drive in self._drives.values():
+            try:
+                close_chain(drive.device.top)
+            except OSError as e:
+                log.error("%s: close failed: %s", drive.id, e)
+        self._drives.clear()
+
+    # -- tasks ---------------------------------------------------------------------
+
+    async def _fuse(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as aux:  # fallocate requests run here
+                fuse_hook.set_handler(self._ops.fallocate, aux.start_soon)
+                task_status.started()
+                try:
+                    await pyfuse3.main(FUSE_MIN_TASKS, FUSE_MAX_TASKS)
+                finally:
+                    fuse_hook.set_handler(None, None)
+        finally:
+            self._fuse_done.set()
+        if not self._quit.is_set() and self._ops.initialized.is_set():
+            log.warning("%s was unmounted; stopping", self.mount)
+            self.request_quit("host-signal")
+
+    async def _wait_mounted(self) -> None:
+        """Wait for the kernel's INIT handshake, or fail if FUSE stopped first."""
+        with trio.move_on_after(MOUNT_TIMEOUT):
+            async with trio.open_nursery() as n:
+                async def fuse_ended() -> None:
+                    await self._fuse_done.wait()
+                    n.cancel_scope.cancel()
+
+                async def initialized() -> None:
+                    await self._ops.initialized.wait()
+                    n.cancel_scope.cancel()
+
+                n.start_soon(fuse_ended)
+                n.start_soon(initialized)
+        if not self._ops.initialized.is_set():
+            raise VdiskError(f"{self.mount}: the FUSE mount did not come up")
+
+    async def _background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._jobs_scope:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self.nursery = None
+            self._jobs_done.set()
+
+    async def _qmp(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._qmp_scope:
+            await serve_qmp(
+                self.qmp_path, self.registry, self, self.events, task_status=task_status
+            )
+
+    async def _signals(self, receiver: Any) -> None:
+        async for signum in receiver:
+            name = signal.Signals(signum).name
+            if self._quit.is_set():
+                log.info("%s: already stopping", name)
+            else:
+                log.info("%s received: stopping", name)
+                self.request_quit("host-signal")
+
+    # -- run -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until asked to stop; raise VdiskError/OSError for start-up problems."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
+            prepare_mountpoint(self.mount)
+            self._open_drives()
+            mounted = False
+            try:
+                fuse_hook.install()
+                self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
+                try:
+                    pyfuse3.init(self._ops, self.mount, mount_options(
+                        allow_other=self.config.allow_other))
+                except RuntimeError as e:
+                    raise VdiskError(f"{self.mount}: cannot mount: {e}") from None
+                mounted = True
+                try:
+                    async with trio.open_nursery() as root:
+                        root.start_soon(self._signals, receiver)
+                        await root.start(self._fuse)
+                        await self._wait_mounted()
+                        await root.start(self._background)
+                        await root.start(self._qmp)
+                        log.info(
+                            "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
+                            self.mount, self.qmp_path,
+                        )
+                        await self._quit.wait()
+                        await self._stop()
+                        root.cancel_scope.cancel()
+                except BaseExceptionGroup as eg:
+                    raise _single(eg) from None
+            finally:
+                if mounted:
+                    pyfuse3.close(unmount=True)
+                await self._close_drives()
+        if self.failed:
+            raise VdiskError("stopped with errors (see above)")
+        log.info("stopped")
+
+    async def _stop(self) -> None:
+        log.info("stopping: %s", self._quit_reason)
+        self.events.emit("SHUTDOWN", {"guest": False, "reason": self._quit_reason})
+        for hook in self.stop_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("stop hook failed")
+        self._jobs_scope.cancel()
+        await self._jobs_done.wait()
+        pyfuse3.terminate()  # in-flight requests finish, no new ones are read
+        await self._fuse_done.wait()
+        for drive in self._drives.values():
+            try:
+                await drive.device.flush()
+            except OSError as e:
+                self.failed = True
+                log.error("%s: flush failed: %s", drive.id, e)
+        self._qmp_scope.cancel()
+
+    async def _close_drives(self) -> None:
+        for drive in self._drives.values():
+            try:
+                await drive.device.close()
+            except OSError as e:
+                self.failed = True
+                log.error("%s: close failed: %s", drive.id, e)
+        self._drives.clear()
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the daemon to completion (blocks); errors as VdiskError/OSError."""
+    trio.run(Daemon(config).run)
