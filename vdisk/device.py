@@ -99,32 +99,42 @@ class BlockDevice:
         end = min(-(-(offset + length) // cs) * cs, self.size)
         return start, end
 
-    def _copy_up_sync(self, start: int, end: int, base: Image | None) -> int:
-        """Copy into the top what it lacks in [start, end) and a layer above base holds."""
+    def _next_copy(self, off: int, end: int, base: Image | None) -> tuple[int, Status | None]:
+        """(run, what to do) at off: DATA/ZERO to copy the run up, None to skip it."""
         top = self.top
-        backing = top.backing
-        if backing is None or backing is base:
+        ext = top.layer_status(off, end - off)
+        if ext.status is not Status.UNALLOCATED:
+            return ext.length, None
+        run, depth, status = chain_status(top, off, min(ext.length, COPY_PIECE), base=base)
+        if not depth:  # None: no layer above base holds it (0, the top, cannot be)
+            return run, None
+        if status is Status.DATA:
+            # whole top clusters: a partial one would be completed by COW anyway
+            cs = max(top.cluster_size, 512)
+            run = min(-(-(off + run) // cs) * cs, off + ext.length, end) - off
+        return run, status
+
+    async def _copy_up_locked(self, start: int, end: int, base: Image | None) -> int:
+        """Copy into the top what it lacks in [start, end) and a layer above base holds.
+
+        The caller holds the range lock over [start, end): each step is its own engine
+        call (other ranges proceed in between), yet no write can slip into this range
+        between the status check and the copy.
+        """
+        top = self.top
+        if top.backing is None or top.backing is base:
             return 0
-        cs = max(top.cluster_size, 512)
         copied = 0
         off = start
         while off < end:
-            ext = top.layer_status(off, end - off)
-            if ext.status is not Status.UNALLOCATED:
-                off += ext.length
-                continue
-            run, depth, status = chain_status(top, off, min(ext.length, COPY_PIECE), base=base)
-            if not depth:  # None: no layer above base holds it; 0: the top (cannot be)
-                off += run
-                continue
-            if status is Status.DATA:
-                # whole top clusters: a partial one would be completed by COW anyway
-                stop = min(-(-(off + run) // cs) * cs, off + ext.length, end)
-                top.write(off, top.read(off, stop - off))
-                run = stop - off
-            else:
-                top.write_zeroes(off, run, unmap=False)
-            copied += run
+            run, what = await self._inline(self._next_copy, off, end, base)
+            if what is Status.DATA:
+                data = await self._inline(top.read, off, run)
+                await self._inline(top.write, off, data)
+            elif what is Status.ZERO:
+                await self._inline(partial(top.write_zeroes, unmap=False), off, run)
+            if what is not None:
+                copied += run
             off += run
         return copied
 
@@ -144,7 +154,7 @@ class BlockDevice:
             if ext.status is Status.UNALLOCATED or ext.length < length:
                 start, end = self._span(offset, length)
                 async with self._locks.hold(start, end):
-                    await self._inline(self._copy_up_sync, start, end, None)
+                    await self._copy_up_locked(start, end, None)
                     return await self._inline(self.top.read, offset, length)
         return await self._inline(top.read, offset, length)
 
@@ -180,7 +190,7 @@ class BlockDevice:
             return 0
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
-            return await self._inline(self._copy_up_sync, start, end, base)
+            return await self._copy_up_locked(start, end, base)
 
     def chain(self) -> list[Image]:
         """The live chain, top first."""
