@@ -1,0 +1,42 @@
+"""Compressed-cluster codecs: raw deflate with a 4 KiB window (type 0) and zstd (type 1)."""
+
+from __future__ import annotations
+
+import errno
+import zlib
+
+import zstandard
+
+COMPRESSION_DEFLATE = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_DEFLATE: "zlib", COMPRESSION_ZSTD: "zstd"}
+
+
+def decompress_cluster(ctype: int, data: bytes | memoryview, cluster_size: int) -> bytes:
+    """Inflate one compressed cluster to exactly cluster_size bytes, or raise OSError(EIO).
+
+    Trailing bytes after the stream (sector padding) are ignored.
+    """
+    try:
+        if ctype == COMPRESSION_DEFLATE:
+            out = zlib.decompressobj(-12).decompress(data, cluster_size)
+        elif ctype == COMPRESSION_ZSTD:
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            out = dobj.decompress(bytes(data))
+        else:
+            raise OSError(errno.EIO, f"unknown compression type {ctype}")
+    except (zlib.error, zstandard.ZstdError) as e:
+        raise OSError(errno.EIO, f"compressed cluster is damaged: {e}") from None
+    if len(out) < cluster_size:
+        raise OSError(errno.EIO, "compressed cluster inflates to a short cluster")
+    return out[:cluster_size]
+
+
+def compress_cluster(ctype: int, data: bytes) -> bytes:
+    """Compress one cluster the way QEMU stores it (deflate raw -12 window, or one zstd frame)."""
+    if ctype == COMPRESSION_DEFLATE:
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        return c.compress(data) + c.flush()
+    if ctype == COMPRESSION_ZSTD:
+        return zstandard.ZstdCompressor().compress(data)
+    raise ValueError(f"unknown compression type {ctype}")

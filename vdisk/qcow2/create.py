@@ -1,0 +1,105 @@
+"""create_qcow2: write a new, empty qcow2 image laid out the way qemu-img does."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+from vdisk.errors import ImageError
+from vdisk.locking import lock_image, perms_for, unlock_image
+from vdisk.qcow2.header import (
+    INCOMPAT_EXTL2,
+    MAX_BACKING_NAME,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    V2_LEN,
+    Header,
+    feature_table_ext,
+    serialize_header,
+)
+from vdisk.qcow2.refcount import set_entry
+
+
+def create_qcow2(path: str, size: int, *, cluster_size: int = 65536,
+                 backing_name: str | None = None, backing_format: str | None = None,
+                 compat: str = "1.1", refcount_bits: int = 16,
+                 extended_l2: bool = False) -> None:
+    """Create (or overwrite) path as an empty qcow2 image of `size` bytes."""
+    if compat not in ("1.1", "0.10"):
+        raise ImageError(path, f"unknown qcow2 compat level {compat!r} (use 1.1 or 0.10)")
+    version = 3 if compat == "1.1" else 2
+    cb = cluster_size.bit_length() - 1
+    if cluster_size != 1 << cb or not 9 <= cb <= 21:
+        raise ImageError(path, "cluster size must be a power of two between 512 B and 2 MiB")
+    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+        raise ImageError(path, "refcount bits must be a power of two between 1 and 64")
+    if version == 2 and (refcount_bits != 16 or extended_l2):
+        raise ImageError(path, "compat 0.10 images support only 16-bit refcounts and "
+                               "no extended L2 entries")
+    if extended_l2 and cb < 14:
+        raise ImageError(path, "extended L2 entries need clusters of at least 16 KiB")
+    if size < 0 or size % 512:
+        raise ImageError(path, "image size must be a non-negative multiple of 512 bytes")
+    if backing_name is not None and len(backing_name.encode()) > MAX_BACKING_NAME:
+        raise ImageError(path, "backing file name is too long")
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    l1_size = -(-size // (l2_entries * cluster_size))
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise ImageError(path, "image is too large for this cluster size (L1 table > 32 MiB)")
+    l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+    per_block = cluster_size * 8 // refcount_bits
+    rb = rt = 1
+    while True:
+        total = 1 + rt + rb + l1_clusters
+        rb2 = -(-total // per_block)
+        rt2 = -(-rb2 * 8 // cluster_size)
+        if (rb2, rt2) == (rb, rt):
+            break
+        rb, rt = rb2, rt2
+    if rt * cluster_size > MAX_REFTABLE_BYTES:
+        raise ImageError(path, "image is too large for this cluster size")
+    h = Header(
+        version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
+        size=size, crypt_method=0, l1_size=l1_size,
+        l1_table_offset=(1 + rt + rb) * cluster_size, refcount_table_offset=cluster_size,
+        refcount_table_clusters=rt, nb_snapshots=0, snapshots_offset=0,
+        incompatible=INCOMPAT_EXTL2 if extended_l2 else 0,
+        refcount_order=refcount_bits.bit_length() - 1,
+        header_length=112 if version == 3 else V2_LEN,
+        backing_name=backing_name, backing_format=backing_format,
+    )
+    h.raw = bytes(h.header_length)
+    if version == 3:
+        h.extensions.append(feature_table_ext())
+    head = serialize_header(h)
+    if len(head) > cluster_size:
+        raise ImageError(path, "header and backing file name do not fit in the first cluster")
+    table = array("Q", [(1 + rt + k) * cluster_size for k in range(rb)])
+    table.byteswap()
+    blocks = bytearray(rb * cluster_size)
+    for c in range(total):
+        b, i = divmod(c, per_block)
+        blk = memoryview(blocks)[b * cluster_size:(b + 1) * cluster_size]
+        tmp = bytearray(blk)
+        set_entry(tmp, i, refcount_bits, 1)
+        blk[:] = tmp
+    image = bytearray(total * cluster_size)
+    image[:len(head)] = head
+    image[cluster_size:cluster_size + len(table) * 8] = table.tobytes()
+    image[(1 + rt) * cluster_size:(1 + rt + rb) * cluster_size] = blocks
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise ImageError(path, f"cannot create: {e.strerror}") from None
+    try:
+        lock_image(fd, path, *perms_for(writable=True, metadata=True))
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, image, 0)
+            os.fdatasync(fd)
+        finally:
+            unlock_image(fd)
+    except OSError as e:
+        raise ImageError(path, f"cannot write: {e.strerror}") from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,69 @@
+"""Positional file I/O for one image file, with exact reads and write barriers."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class ImageFile:
+    """An fd plus the bookkeeping the write-ordering rules need.
+
+    `unsynced` is set whenever metadata that later writes depend on (refcounts,
+    new tables) was written since the last fdatasync; `barrier()` syncs only then.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = os.fstat(fd).st_size
+        self.unsynced = False
+        self.syncs = 0
+
+    def eio(self, what: str) -> OSError:
+        return OSError(errno.EIO, f"{self.path}: {what}")
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Exactly length bytes; zeroes past EOF."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill buf from offset; bytes past EOF read as zeroes."""
+        done = 0
+        n = len(buf)
+        while done < n:
+            got = os.preadv(self.fd, [buf[done:]], offset + done)
+            if got <= 0:
+                buf[done:] = bytes(n - done)
+                return
+            done += got
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        mv = memoryview(data)
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.fd, mv[done:], offset + done)
+        if offset + len(mv) > self.size:
+            self.size = offset + len(mv)
+
+    def pwritev(self, bufs: list[bytes | bytearray | memoryview], offset: int) -> None:
+        total = sum(len(b) for b in bufs)
+        done = os.pwritev(self.fd, bufs, offset)
+        if done < total:  # rare: finish with plain writes
+            joined = b"".join(bytes(b) for b in bufs)
+            self.pwrite(memoryview(joined)[done:], offset + done)
+        if offset + total > self.size:
+            self.size = offset + total
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        self.syncs += 1
+        self.unsynced = False
+
+    def barrier(self) -> None:
+        """Order: everything written so far reaches the disk before what is written next."""
+        if self.unsynced:
+            self.sync()
