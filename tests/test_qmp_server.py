@@ -689,8 +689,14 @@ def test_cli(sockdir: str) -> None:
     async def fail(ctx: Context, args: dict[str, Any]) -> None:
         raise QMPError("DeviceNotFound", "Device 'x' not found")
 
+    async def emit(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        ctx.events.emit("OTHER", {})
+        ctx.events.emit("X_DONE", {"k": args["k"]})
+        return {}
+
     registry.add("x-echo", {"*a": "any", "*b": "any"}, echo)
     registry.add("x-fail", None, fail)
+    registry.add("x-emit", {"k": "int"}, emit)
     path = sock_path(sockdir)
     with ThreadServer(path, FakeBackend(), registry):
         out = vdisk_cli("qmp", path, "query-version")
@@ -699,6 +705,13 @@ def test_cli(sockdir: str) -> None:
         out = vdisk_cli("qmp", "--compact", path, "x-echo", "a=5", "b=drive0")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"a": 5, "b": "drive0"}
+        out = vdisk_cli("qmp", "--compact", "--wait-event", "X_DONE", path, "x-emit", "k=7")
+        assert out.returncode == 0, out.stderr
+        ret, event = (json.loads(line) for line in out.stdout.splitlines())
+        assert ret == {} and event["event"] == "X_DONE" and event["data"] == {"k": 7}
+        out = vdisk_cli("qmp", "--wait-event", "NEVER", "--timeout", "0.5", path, "x-emit", "k=1")
+        assert out.returncode == 1
+        assert out.stderr == f"vdisk: {path}: timed out waiting for event NEVER\n"
         out = vdisk_cli("qmp", path, "x-fail")
         assert out.returncode == 1
         assert out.stderr == "vdisk: DeviceNotFound: Device 'x' not found\n"

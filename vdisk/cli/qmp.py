@@ -3,6 +3,8 @@
 Each value is parsed as JSON when it parses (speed=1048576, enable=["x"], force=true),
 else taken as a string (device=drive0). The answer's "return" value is printed as JSON;
 an error answer is printed as one line "vdisk: CLASS: desc" and exits 1.
+With --wait-event NAME, the first event NAME received after the command was sent is
+printed too (e.g. BLOCK_JOB_COMPLETED after block-stream).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("command", metavar="COMMAND", help="the command, e.g. query-block")
     p.add_argument("arguments", metavar="key=value", nargs="*", help="command arguments")
     p.add_argument("--compact", action="store_true", help="print the answer on one line")
+    p.add_argument(
+        "--wait-event", metavar="NAME", help="then wait for the event NAME and print it too"
+    )
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="give up waiting after SECONDS"
+    )
     p.set_defaults(func=run)
 
 
@@ -49,20 +57,40 @@ def parse_arguments(pairs: list[str]) -> dict[str, Any]:
     return args
 
 
-async def _execute(path: str, command: str, arguments: dict[str, Any]) -> Any:
+async def _execute(
+    path: str, command: str, arguments: dict[str, Any], wait_event: str | None
+) -> list[Any]:
     async with await QMPClient.connect(path) as client:
-        return await client.execute(command, arguments)
+        out = [await client.execute(command, arguments)]
+        if wait_event is not None:
+            while True:
+                event = await client.next_event()
+                if event.get("event") == wait_event:
+                    out.append(event)
+                    break
+        return out
 
 
 def run(args: argparse.Namespace) -> int:
     arguments = parse_arguments(args.arguments)
+    if args.timeout is not None and args.timeout <= 0:
+        raise VdiskError(f"--timeout {args.timeout}: must be positive")
+
+    async def main() -> list[Any]:
+        with trio.fail_after(args.timeout if args.timeout is not None else float("inf")):
+            return await _execute(args.socket, args.command, arguments, args.wait_event)
+
     try:
-        result = trio.run(_execute, args.socket, args.command, arguments)
+        answers = trio.run(main)
     except QMPError as e:
         print(f"vdisk: {e.cls}: {e.desc}", file=sys.stderr)
         return 1
-    if args.compact:
-        print(json.dumps(result, separators=(",", ":")))
-    else:
-        print(json.dumps(result, indent=2))
+    except trio.TooSlowError:
+        what = f"event {args.wait_event}" if args.wait_event else "the answer"
+        raise VdiskError(f"{args.socket}: timed out waiting for {what}") from None
+    for value in answers:
+        if args.compact:
+            print(json.dumps(value, separators=(",", ":")))
+        else:
+            print(json.dumps(value, indent=2))
     return 0
