@@ -46,7 +46,7 @@ def qemu_info(path: str | os.PathLike[str], *extra: str, cwd: Any = None) -> Any
 def qemu_raw(path: str | os.PathLike[str], tmp: Path) -> bytes:
     """The guest view of an image as `qemu-img convert -O raw` gives it."""
     out = tmp / f"conv-{os.getpid()}-{abs(hash(str(path)))}.raw"
-    qemu_img("convert", "-O", "raw", path, out)
+    qemu_img("convert", "-U", "-O", "raw", path, out)
     data = out.read_bytes()
     out.unlink()
     return data
@@ -77,3 +77,53 @@ def make_chain(tmp: Path) -> dict[str, Path]:
     qemu_img("create", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", top, "8M")
     qemu_io(top, "write -P 3 2M 64k", "write -P 3 6M 64k", "write -P 4 100k 1k")
     return {"base": base, "mid": mid, "top": top}
+
+
+def locked_bytes(path: str | os.PathLike[str]) -> list[int]:
+    """QEMU lock bytes (100.., 200..) some open file description holds on path."""
+    import fcntl
+    import struct
+
+    fmt = "hhqqi4x"
+    held = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for byte in [*range(100, 105), *range(200, 205)]:
+            req = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+            res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
+            if struct.unpack(fmt, res)[0] != fcntl.F_UNLCK:
+                held.append(byte)
+    finally:
+        os.close(fd)
+    return held
+
+
+class QemuHolder:
+    """`qemu-io` kept running interactively, holding an image (and its chain) open."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str, *, read_only: bool = False):
+        import time
+
+        args = ["qemu-io", "-f", fmt] + (["-r"] if read_only else []) + [str(path)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not locked_bytes(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"qemu-io did not lock {path}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.communicate("quit\n", timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+    def __enter__(self) -> QemuHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

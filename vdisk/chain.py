@@ -75,10 +75,11 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     directories, devices, FIFOs and sockets.
     """
     plain = plain_backing_name(image_path, backing_name)
+    # not normalized: "dir/../x" must go through dir as the kernel resolves it
     if backing_name.startswith("file:"):
-        path = os.path.abspath(plain)  # QEMU: relative to the current directory
+        path = os.path.join(os.getcwd(), plain)  # QEMU: relative to the current directory
     else:
-        path = os.path.abspath(path_combine(os.path.abspath(image_path), plain))
+        path = path_combine(os.path.abspath(image_path), plain)
     check_plain_file(path, f"backing file {backing_name!r} of {image_path}")
     return path
 
@@ -116,10 +117,31 @@ def open_image(path: str, fmt: str, *, read_only: bool, force_share: bool = Fals
     if opener is None:
         raise UnsupportedImageError(path, "the qcow2 driver is not available")
     if force_share:
-        if "force_share" not in inspect.signature(opener).parameters:
-            raise UnsupportedImageError(path, "the qcow2 driver cannot open without locks")
+        if read_only and "force_share" not in inspect.signature(opener).parameters:
+            return _open_qcow2_unlocked(path)
         return opener(path, read_only=read_only, force_share=True)  # type: ignore[no-any-return]
     return opener(path, read_only=read_only)  # type: ignore[no-any-return]
+
+
+def _open_qcow2_unlocked(path: str) -> Image:
+    """open_qcow2 without taking locks (read-only), from the driver's own open steps."""
+    from vdisk.qcow2.image import Qcow2Image
+    from vdisk.qcow2.open import check_policy, read_header
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    try:
+        h = read_header(path, fd)
+        check_policy(path, h, True)
+        return Qcow2Image(path, fd, h, True)
+    except OSError as e:
+        os.close(fd)
+        raise ImageError(path, f"cannot read image: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_chain(

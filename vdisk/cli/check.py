@@ -14,6 +14,7 @@ from typing import Any
 
 from vdisk.chain import check_plain_file, probe_format
 from vdisk.cli._common import UsageError
+from vdisk.errors import ImageError
 
 
 def _int(result: Any, name: str) -> int:
@@ -91,6 +92,22 @@ def as_human(result: Any) -> str:
     return "\n".join(out) + "\n"
 
 
+def _check_unlocked(path: str) -> Any:
+    """A read-only check without locks (-U), from the checker's own steps."""
+    from vdisk.qcow2 import check as qcheck
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    try:
+        return qcheck._run(path, fd, False, False)
+    except OSError as e:
+        raise ImageError(path, f"cannot check: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     check_plain_file(path, "image")
@@ -104,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-r cannot be combined with -U (repair needs the write lock)")
     from vdisk.qcow2 import check_qcow2
 
-    kwargs: dict[str, Any] = {}
-    if args.force_share:
-        if "force_share" not in inspect.signature(check_qcow2).parameters:
-            raise UsageError("-U is not supported by the qcow2 checker")
-        kwargs["force_share"] = True
-    result = check_qcow2(path, repair=args.repair, **kwargs)
+    if args.force_share and "force_share" not in inspect.signature(check_qcow2).parameters:
+        result = _check_unlocked(path)
+    elif args.force_share:
+        result = check_qcow2(path, repair=None, force_share=True)
+    else:
+        result = check_qcow2(path, repair=args.repair)
     for msg in getattr(result, "messages", None) or []:
         print(msg, file=sys.stderr)
     if args.output == "json":
