@@ -13,15 +13,20 @@ until its final event (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED) is emitted.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
 
 from control.errors import QMPError
 from control.ratelimit import RateLimiter
+from vdisk.chain import chain_status
 from vdisk.image import Image, Status
+
+log = logging.getLogger("vdisk.jobs")
 
 CHUNK = 1 << 20  # bytes copied per step when unthrottled (see report for measurement)
 ON_ERROR = ("report", "stop", "ignore")
@@ -188,12 +193,9 @@ class StreamJob:
         fn = getattr(dev, "block_status", None)
         if fn is not None:
             return await fn(offset, length, base=self.base)
-        from vdisk.device import status_above
-
+        call = partial(chain_status, dev.top, offset, length, base=self.base)
         inline = getattr(dev, "_inline", None)
-        if inline is not None:
-            return await inline(status_above, dev.top, offset, length, self.base)
-        return status_above(dev.top, offset, length, self.base)
+        return await inline(call) if inline is not None else call()
 
     def _step_size(self) -> int:
         """Bytes to copy in one step: a chunk, or one slice's quota when throttled."""
@@ -263,7 +265,11 @@ class StreamJob:
         self.status, self.busy = "running", True
         final: tuple[str, dict[str, Any]] | None = None
         try:
-            await self._copy_all()
+            try:
+                await self._copy_all()
+            except Exception as exc:  # a bug or an unexpected failure: end the job, not the daemon
+                log.exception("job %s failed", self.id)
+                self.error = self.error or error_text(exc)
             if self.cancel_requested:
                 self.status = "aborting"
                 final = ("BLOCK_JOB_CANCELLED", self._event_data())
@@ -274,7 +280,8 @@ class StreamJob:
                 self.status = "pending"
                 try:
                     await self._finish()
-                except OSError as exc:
+                except Exception as exc:
+                    log.exception("job %s: completion failed", self.id)
                     self.error = error_text(exc)
                 final = ("BLOCK_JOB_COMPLETED", self._event_data(error=self.error))
         finally:
