@@ -72,17 +72,16 @@ def create_qcow2(path: str, size: int, *, cluster_size: int = 65536,
     if version == 3:
         h.extensions.append(feature_table_ext())
     head = serialize_header(h)
+    if len(head) > cluster_size and version == 3:  # the feature table is optional
+        h.extensions = []
+        head = serialize_header(h)
     if len(head) > cluster_size:
         raise ImageError(path, "header and backing file name do not fit in the first cluster")
     table = array("Q", [(1 + rt + k) * cluster_size for k in range(rb)])
     table.byteswap()
-    blocks = bytearray(rb * cluster_size)
+    blocks = bytearray(rb * cluster_size)  # refcount blocks in a row: one bit string
     for c in range(total):
-        b, i = divmod(c, per_block)
-        blk = memoryview(blocks)[b * cluster_size:(b + 1) * cluster_size]
-        tmp = bytearray(blk)
-        set_entry(tmp, i, refcount_bits, 1)
-        blk[:] = tmp
+        set_entry(blocks, c, refcount_bits, 1)
     image = bytearray(total * cluster_size)
     image[:len(head)] = head
     image[cluster_size:cluster_size + len(table) * 8] = table.tobytes()

@@ -32,6 +32,7 @@ from vdisk.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
 from vdisk.qcow2.fileio import ImageFile
 from vdisk.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
+    EXT_FEATURE_TABLE,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_BACKING_NAME,
@@ -369,6 +370,9 @@ class Qcow2Image(Image):
 
     def _write_header(self, h: Header) -> None:
         buf = serialize_header(h)
+        if len(buf) > self.cluster_size:  # drop the optional feature name table
+            h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
+            buf = serialize_header(h)
         if len(buf) > self.cluster_size:
             raise OSError(errno.ENOSPC, f"{self.path}: header does not fit in the first cluster")
         pad = max(0, min(self.cluster_size, self._hdr_len) - len(buf))
