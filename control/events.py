@@ -8,6 +8,7 @@ dropped (its channel is closed, so its connection ends) instead of slowing the e
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,9 +33,17 @@ class EventBus:
         return len(self._subscribers)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
-        """Timestamp the event now and queue it for every subscriber; returns the event."""
+        """Timestamp the event now and queue it for every subscriber; returns the event.
+
+        `data` is copied (so later changes by the caller do not leak into queued events);
+        data that is not plain JSON raises ValueError here, in the emitter.
+        """
         ns = self._clock_ns()
-        event = Event(name, dict(data or {}), ns // 1_000_000_000, (ns % 1_000_000_000) // 1000)
+        try:
+            copied = json.loads(json.dumps(data or {}, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"event {name}: data is not JSON: {e}") from None
+        event = Event(name, copied, ns // 1_000_000_000, (ns % 1_000_000_000) // 1000)
         for chan in list(self._subscribers):
             try:
                 chan.send_nowait(event)

@@ -16,7 +16,8 @@ Oversized input: a message longer than `max_message_size` bytes is answered with
 GenericError and the connection is then closed (`Connection.broken`): after a cut in the
 middle of a large value there is no reliable place to resume parsing.
 
-The server writes each message as compact ASCII JSON followed by CRLF.
+The server writes each message as compact ASCII JSON followed by CRLF. QEMU's extension
+of 'single-quoted' strings is not supported (standard JSON only).
 """
 
 from __future__ import annotations

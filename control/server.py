@@ -14,7 +14,7 @@ import os
 import socket as stdsocket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -22,7 +22,7 @@ from control.backend import Backend
 from control.builtin import CAPABILITIES, version_info
 from control.errors import QMPError
 from control.events import EventBus
-from control.protocol import DEFAULT_MAX_MESSAGE_SIZE, Connection, InputError, Request
+from control.protocol import DEFAULT_MAX_MESSAGE_SIZE, Connection, Event, InputError, Request
 from control.registry import Context, Registry
 from vdisk.errors import VdiskError
 
@@ -41,6 +41,7 @@ class ServerConfig:
     outgoing_queue: int = DEFAULT_OUTGOING_QUEUE
     pending_requests: int = DEFAULT_PENDING_REQUESTS
     event_buffer: int = DEFAULT_OUTGOING_QUEUE
+    close_grace: float = 1.0  # seconds to flush queued output when the server stops
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -109,31 +110,27 @@ _Out = tuple[bytes, trio.Event | None]
 class _Session:
     """One client connection."""
 
-    def __init__(
-        self,
-        stream: trio.SocketStream,
-        label: str,
-        registry: Registry,
-        backend: Backend,
-        events: EventBus,
-        config: ServerConfig,
-    ) -> None:
+    def __init__(self, stream: trio.SocketStream, label: str, server: _Server) -> None:
         self.stream = stream
         self.label = label
-        self.registry = registry
-        self.backend = backend
-        self.events = events
+        self.server = server
+        config = server.config
         self.conn = Connection(max_message_size=config.max_message_size)
-        self.config = config
         self.out_send, self.out_recv = trio.open_memory_channel[_Out](config.outgoing_queue)
         self.req_send, self.req_recv = trio.open_memory_channel[Request | InputError](
             config.pending_requests
         )
-        self.scope = trio.CancelScope()
+        self.scope = trio.CancelScope()  # the whole connection
+        self.inputs_scope = trio.CancelScope()  # reading, running commands, taking events
 
     def drop(self, why: str) -> None:
         log.warning("QMP client %s dropped: %s", self.label, why)
         self.scope.cancel()
+
+    def shutdown(self, grace: float) -> None:
+        """Stop reading; write what is queued for at most `grace` seconds, then close."""
+        self.inputs_scope.cancel()
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + grace)
 
     def enqueue(self, data: bytes, done: trio.Event | None = None) -> bool:
         """Queue one message; a full queue drops the client. Never blocks."""
@@ -147,13 +144,25 @@ class _Session:
         return False
 
     async def run(self) -> None:
-        with self.scope, self.events.subscribe(self.config.event_buffer) as event_recv:
+        events = self.server.events
+        with self.scope, events.subscribe(self.server.config.event_buffer) as event_recv:
             self.enqueue(self.conn.send_greeting(version_info(), CAPABILITIES))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.reader)
-                nursery.start_soon(self.processor)
                 nursery.start_soon(self.writer)
-                nursery.start_soon(self.forward_events, event_recv)
+                nursery.start_soon(self.inputs, event_recv)
+
+    async def inputs(self, event_recv: trio.MemoryReceiveChannel[Event]) -> None:
+        """Reader, processor and event forwarder; when they stop, the queue is closed."""
+        try:
+            with self.inputs_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.reader)
+                    nursery.start_soon(self.forward_events, event_recv)
+                    await self.processor()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.take_pending_events(event_recv)
+            self.out_send.close()  # the writer drains the queue, then ends the connection
 
     async def reader(self) -> None:
         async with self.req_send:
@@ -168,23 +177,24 @@ class _Session:
                     await self.req_send.send(item)
 
     async def processor(self) -> None:
-        async with self.out_send:
-            async for item in self.req_recv:
-                if isinstance(item, InputError):
-                    self.enqueue(self.conn.send_error(item.error, item.id))
-                    if item.fatal:
-                        return
-                    continue
-                refusal = self.conn.admit(item)
-                if refusal is not None:
-                    self.enqueue(self.conn.send_error(refusal, item.id))
-                    continue
-                await self.run_command(item)
+        """Answer requests one after the other, until EOF or a fatal input error."""
+        async for item in self.req_recv:
+            if isinstance(item, InputError):
+                self.enqueue(self.conn.send_error(item.error, item.id))
+                if item.fatal:
+                    return
+                continue
+            refusal = self.conn.admit(item)
+            if refusal is not None:
+                self.enqueue(self.conn.send_error(refusal, item.id))
+                continue
+            await self.run_command(item)
 
     async def run_command(self, request: Request) -> None:
-        ctx = Context(self.backend, self.events, self.registry, client=self.label)
+        server = self.server
+        ctx = Context(server.backend, server.events, server.registry, client=self.label)
         try:
-            result = await self.registry.execute(ctx, request.name, request.arguments)
+            result = await server.registry.execute(ctx, request.name, request.arguments)
             data = self.conn.send_return(request, result)
         except QMPError as e:
             data = self.conn.send_error(e, request.id)
@@ -210,25 +220,47 @@ class _Session:
                     return
                 if done is not None:
                     done.set()
-        # The processor finished (client EOF or fatal input error) and all was written.
+        # Inputs stopped (EOF, fatal input error, shutdown) and everything was written.
         self.scope.cancel()
 
-    async def forward_events(self, event_recv: trio.MemoryReceiveChannel) -> None:
+    async def forward_events(self, event_recv: trio.MemoryReceiveChannel[Event]) -> None:
         async for event in event_recv:
             data = self.conn.send_event(event)
             if data is not None:
                 self.enqueue(data)
         self.drop("too many undelivered events")
 
+    def take_pending_events(self, event_recv: trio.MemoryReceiveChannel[Event]) -> None:
+        """Queue events already emitted (e.g. SHUTDOWN just before the server stops)."""
+        while True:
+            try:
+                event = event_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            data = self.conn.send_event(event)
+            if data is not None and not self.enqueue(data):
+                return
 
-async def _serve_client(
-    stream: trio.SocketStream,
-    registry: Registry,
-    backend: Backend,
-    events: EventBus,
-    config: ServerConfig,
-) -> None:
+
+@dataclass
+class _Server:
+    registry: Registry
+    backend: Backend
+    events: EventBus
+    config: ServerConfig
+    sessions: set[_Session] = field(default_factory=set)
+    closing: bool = False
+
+    def close_sessions(self) -> None:
+        self.closing = True
+        for session in list(self.sessions):
+            session.shutdown(self.config.close_grace)
+
+
+async def _serve_client(stream: trio.SocketStream, server: _Server) -> None:
     try:
+        if server.closing:
+            return
         try:
             pid, uid, _gid = peer_credentials(stream.socket)
         except OSError as e:
@@ -238,9 +270,28 @@ async def _serve_client(
             log.warning("QMP: refused client pid %d uid %d", pid, uid)
             return
         label = f"pid {pid} uid {uid}"
-        await _Session(stream, label, registry, backend, events, config).run()
+        session = _Session(stream, label, server)
+        server.sessions.add(session)  # no checkpoint since the `closing` check
+        try:
+            # Shielded: on server shutdown, close_sessions() lets queued answers and
+            # events (SHUTDOWN, ...) go out for up to close_grace seconds.
+            with trio.CancelScope(shield=True):
+                await session.run()
+        except Exception:  # a bug must cost one connection, not the server
+            log.exception("QMP client %s: internal error; connection closed", label)
+        finally:
+            server.sessions.discard(session)
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def _remove_if_ours(path: str, identity: tuple[int, int]) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 async def serve_qmp(
@@ -254,7 +305,9 @@ async def serve_qmp(
 ) -> None:
     """Serve QMP on a UNIX socket until cancelled; started() once listening.
 
-    On exit (cancel or error) every connection is closed and the socket file removed.
+    On cancel the socket file is removed at once, each connection gets up to
+    `config.close_grace` seconds to write what was already queued for it (answers,
+    events emitted just before), then every connection is closed.
     """
     config = config or ServerConfig()
     path = os.path.abspath(socket_path)
@@ -262,24 +315,25 @@ async def serve_qmp(
     st = os.stat(path)
     identity = (st.st_dev, st.st_ino)
     listener = trio.SocketListener(sock)
+    server = _Server(registry, backend, events, config)
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:
-                    if e.errno not in _ACCEPT_RETRY_ERRNOS:
-                        raise
-                    log.error("QMP accept failed: %s; retrying", e)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(_serve_client, stream, registry, backend, events, config)
+            try:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as e:
+                        if e.errno not in _ACCEPT_RETRY_ERRNOS:
+                            raise
+                        log.error("QMP accept failed: %s; retrying", e)
+                        await trio.sleep(0.1)
+                        continue
+                    nursery.start_soon(_serve_client, stream, server)
+            finally:
+                sock.close()
+                _remove_if_ours(path, identity)
+                server.close_sessions()
     finally:
         sock.close()
-        try:
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == identity:
-                os.unlink(path)
-        except OSError:
-            pass
+        _remove_if_ours(path, identity)

@@ -442,3 +442,16 @@ def test_event_bus_real_clock() -> None:
     ev = bus.emit("E")
     assert before - 1 <= ev.seconds + ev.microseconds / 1e6 <= time.time() + 1
     assert 0 <= ev.microseconds < 1_000_000 and ev.data == {}
+
+
+async def test_event_data_is_copied_and_must_be_json() -> None:
+    bus = EventBus()
+    data: dict[str, Any] = {"list": [1]}
+    with bus.subscribe() as recv:
+        bus.emit("E", data)
+        data["list"].append(2)
+        assert recv.receive_nowait().data == {"list": [1]}
+        with pytest.raises(ValueError, match="event BAD"):
+            bus.emit("BAD", {"x": object()})
+        with pytest.raises(trio.WouldBlock):
+            recv.receive_nowait()

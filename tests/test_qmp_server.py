@@ -399,6 +399,41 @@ async def test_handler_failure_and_quit(sockdir: str) -> None:
         await c.aclose()
 
 
+async def test_shutdown_flushes_queued_output_then_closes(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = sock_path(sockdir)
+    bus = EventBus()
+    # queues big enough that the stuck client is not dropped before the stop
+    config = ServerConfig(close_grace=0.5, outgoing_queue=10_000, event_buffer=10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(serve_qmp, path, make_registry(), FakeBackend(), bus, config=config)
+        )
+        reader = await LineClient.open(path)
+        stuck = await LineClient.open(path)
+        await reader.negotiate()
+        await stuck.negotiate()
+        # stuck never reads: fill its socket buffer and part of its queue
+        for i in range(2000):
+            bus.emit("FILL", {"i": i, "pad": "q" * 200})
+            if i % 100 == 99:
+                for _ in range(100):
+                    await reader.recv()
+        assert "dropped" not in caplog.text
+        bus.emit("SHUTDOWN", {"guest": False})
+        start = trio.current_time()
+        nursery.cancel_scope.cancel()  # no checkpoint between the emit and the cancel
+    # the stuck client got its grace period, and no more
+    assert 0.4 < trio.current_time() - start < 5
+    assert not os.path.exists(path)
+    msg = await reader.recv()
+    assert msg["event"] == "SHUTDOWN"  # emitted just before the stop, still delivered
+    await reader.expect_eof()
+    await reader.aclose()
+    await stuck.aclose()
+
+
 # --- the socket file ------------------------------------------------------------------
 
 
