@@ -131,3 +131,27 @@ def test_open_errors(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="FIFO, not a regular file"):
         open_raw(str(fifo), read_only=True)
+
+
+def test_probed_raw_refuses_qcow2_magic(tmp_path: Path) -> None:
+    from vdisk.chain import close_chain, open_chain, probe_format
+
+    p = tmp_path / "g.raw"
+    create_raw(str(p), MiB)
+    top = open_chain(str(p), read_only=False)
+    try:
+        with pytest.raises(OSError) as e:
+            top.write(0, b"QFI\xfb" + bytes(508))
+        assert e.value.errno == errno.EPERM
+        top.write(0, b"QF")
+        with pytest.raises(OSError):
+            top.write(2, b"I\xfb")
+        top.write(512, b"QFI\xfb")
+    finally:
+        close_chain(top)
+    assert probe_format(str(p)) == "raw"
+    top = open_chain(str(p), fmt="raw", read_only=False)  # explicit format: allowed
+    try:
+        top.write(0, b"QFI\xfb")
+    finally:
+        close_chain(top)

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 from vdisk.errors import ChainError, ImageError, UnsupportedImageError
 from vdisk.image import Image, Status
-from vdisk.raw import file_kind, open_raw
+from vdisk.raw import QCOW2_MAGIC, RawImage, file_kind, open_raw
 
-QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("qcow2", "raw")
 DEFAULT_MAX_DEPTH = 64
 _PROTOCOL = re.compile(r"^([^/:]*):")
@@ -161,6 +160,8 @@ def open_chain(
     st = check_plain_file(path, "image")
     top = open_image(path, fmt or probe_format(path), read_only=read_only,
                      force_share=force_share)
+    if fmt is None and isinstance(top, RawImage):
+        top.probed = True
     try:
         seen = {(st.st_dev, st.st_ino): path}
         cur: Image = top

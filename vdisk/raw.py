@@ -20,6 +20,7 @@ from vdisk.locking import lock_image, perms_for, unlock_image
 
 SECTOR = 512
 RAW_CLUSTER_SIZE = 65536
+QCOW2_MAGIC = b"QFI\xfb"
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -59,6 +60,10 @@ class RawImage(Image):
         self.backing_format = None
         self._can_punch = True
         self._can_zero_range = True
+        # Set when the format was probed: then, as QEMU does, refuse writes that would
+        # make the file probe as qcow2 next time (a guest could name any host file as
+        # its backing file).
+        self.probed = False
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -123,6 +128,15 @@ class RawImage(Image):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._check_write(offset, len(view))
+        if self.probed and offset < len(QCOW2_MAGIC) and len(view):
+            head = bytearray(self.read(0, len(QCOW2_MAGIC)))
+            n = min(len(view), len(QCOW2_MAGIC) - offset)
+            head[offset:offset + n] = view[:n]
+            if bytes(head) == QCOW2_MAGIC:
+                raise OSError(
+                    errno.EPERM, f"{self.path}: refusing to write a qcow2 header into a raw "
+                    "image whose format was probed; give the format explicitly"
+                )
         done = 0
         while done < len(view):
             n = os.pwrite(self.fd, view[done:], offset + done)
