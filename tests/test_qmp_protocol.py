@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.builtin import make_registry, version_info
 from control.errors import QMPError
@@ -455,3 +457,42 @@ async def test_event_data_is_copied_and_must_be_json() -> None:
             bus.emit("BAD", {"x": object()})
         with pytest.raises(trio.WouldBlock):
             recv.receive_nowait()
+
+
+# --- property: framing is independent of how the stream is cut ------------------------
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.text(
+    alphabet=st.sampled_from('ab{}[]"\\:, \u00e9\U0001f600\t\n')
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=4),
+    max_leaves=20,
+)
+_requests = st.builds(
+    lambda name, args, req_id: {"execute": name, "arguments": args, "id": req_id},
+    st.text(max_size=8),
+    st.dictionaries(st.text(max_size=5), _json_values, max_size=4),
+    _json_values,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    msgs=st.lists(_requests, min_size=1, max_size=5),
+    seps=st.lists(st.sampled_from(["", " ", "\n", "\r\n", "\t"]), min_size=5, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+    ascii_only=st.booleans(),
+)
+def test_any_cut_gives_the_same_requests(
+    msgs: list[dict[str, Any]], seps: list[str], cuts: list[int], ascii_only: bool
+) -> None:
+    data = b"".join(
+        json.dumps(m, ensure_ascii=ascii_only).encode() + seps[i].encode()
+        for i, m in enumerate(msgs)
+    )
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    got = feed_all(Connection(), *pieces)
+    assert got == [Request(m["execute"], m["arguments"], m["id"]) for m in msgs]
