@@ -46,7 +46,7 @@ def create_qcow2(path: str, size: int, *, cluster_size: int = 65536,
     l1_size = -(-size // (l2_entries * cluster_size))
     if l1_size * 8 > MAX_L1_BYTES:
         raise ImageError(path, "image is too large for this cluster size (L1 table > 32 MiB)")
-    l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+    l1_clusters = -(-l1_size * 8 // cluster_size)
     per_block = cluster_size * 8 // refcount_bits
     rb = rt = 1
     while True:

@@ -1,0 +1,154 @@
+"""Malformed or unsupported images are refused at open with one clear error, never written."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_qcow2_util import qemu_img, qemu_io
+
+from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
+from vdisk.qcow2 import is_qcow2, open_qcow2
+
+
+def _patch(fmt: str, off: int, value: int) -> Callable[[Path], None]:
+    def f(p: Path) -> None:
+        with open(p, "r+b") as fh:
+            fh.seek(off)
+            fh.write(struct.pack(fmt, value))
+    return f
+
+
+def _or_bits(off: int, bits: int) -> Callable[[Path], None]:
+    def f(p: Path) -> None:
+        with open(p, "r+b") as fh:
+            fh.seek(off)
+            v = struct.unpack(">Q", fh.read(8))[0]
+            fh.seek(off)
+            fh.write(struct.pack(">Q", v | bits))
+    return f
+
+
+def _truncate(n: int) -> Callable[[Path], None]:
+    def f(p: Path) -> None:
+        with open(p, "r+b") as fh:
+            fh.truncate(n)
+    return f
+
+
+def _bad_magic(p: Path) -> None:
+    with open(p, "r+b") as fh:
+        fh.write(b"XXXX")
+
+
+def _overlap(p: Path) -> None:
+    with open(p, "r+b") as fh:
+        fh.seek(48)
+        rt = fh.read(8)
+        fh.seek(40)
+        fh.write(rt)  # L1 table at the refcount table's offset
+
+
+CASES: list[tuple[str, Callable[[Path], None], type, str, bool]] = [
+    # name, damage, error type, message part, refused read-only too
+    ("bad-magic", _bad_magic, CorruptImageError, "bad magic", True),
+    ("truncated-header", _truncate(50), CorruptImageError, "truncated", True),
+    ("truncated-tables", _truncate(70000), CorruptImageError, "beyond the end of file", True),
+    ("cluster-bits", _patch(">I", 20, 30), CorruptImageError, "cluster_bits", True),
+    ("l1-beyond-eof", _patch(">Q", 40, 1 << 40), CorruptImageError, "L1 table", True),
+    ("l1-unaligned", _patch(">Q", 40, 0x30008), CorruptImageError, "not cluster aligned", True),
+    ("l1-absurd", _patch(">I", 36, 0x2000000), CorruptImageError, "L1 table is too large",
+     True),
+    ("reftable-beyond-eof", _patch(">Q", 48, 1 << 30), CorruptImageError, "refcount table",
+     True),
+    ("reftable-too-big", _patch(">I", 56, 1 << 20), CorruptImageError, "too large", True),
+    ("overlap", _overlap, CorruptImageError, "overlaps", True),
+    ("backing-name-long", _patch(">I", 16, 5000), CorruptImageError, "backing file name",
+     True),
+    ("encryption", _patch(">I", 32, 1), UnsupportedImageError, "encrypt", True),
+    ("unknown-incompat", _or_bits(72, 1 << 9), UnsupportedImageError, "incompatible", True),
+    ("corrupt-bit", _or_bits(72, 1 << 1), CorruptImageError, "marked corrupt", False),
+    ("dirty-bit", _or_bits(72, 1 << 0), UnsupportedImageError, "qemu-img check -r all", False),
+    ("version", _patch(">I", 4, 4), UnsupportedImageError, "version", True),
+]
+
+
+def _make(tmp: Path) -> Path:
+    p = tmp / "m.qcow2"
+    qemu_img("create", "-f", "raw", str(tmp / "base.raw"), "8M")
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(p), "8M")
+    qemu_io(p, "write -P 7 0 200k")
+    return p
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_malformed(tmp_path: Path, case: tuple) -> None:
+    name, damage, etype, part, ro_too = case
+    p = _make(tmp_path)
+    damage(p)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    modes = [False, True] if ro_too else [False]
+    for ro in modes:
+        with pytest.raises(etype) as ei:
+            open_qcow2(str(p), read_only=ro)
+        assert str(p) in str(ei.value) and part in str(ei.value), str(ei.value)
+    if not ro_too:
+        with open_qcow2(str(p), read_only=True) as img:
+            assert img.read(0, 1000) == b"\x07" * 1000
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == digest
+
+
+def test_external_data_file(tmp_path: Path) -> None:
+    p = tmp_path / "e.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(p), "8M")
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    for ro in (False, True):
+        with pytest.raises(UnsupportedImageError, match="external data file") as ei:
+            open_qcow2(str(p), read_only=ro)
+        assert str(p) in str(ei.value)
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == digest
+
+
+def test_missing_and_not_qcow2(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="cannot open"):
+        open_qcow2(str(tmp_path / "nope.qcow2"), read_only=True)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(CorruptImageError, match="bad magic"):
+        open_qcow2(str(tmp_path / "empty"), read_only=True)
+    assert not is_qcow2(b"")
+    assert is_qcow2(b"QFI\xfb\0\0\0\3")
+
+
+def test_runtime_bad_l2_offset_is_eio(tmp_path: Path) -> None:
+    p = _make(tmp_path)
+    qemu_io(p, "write -P 9 7M 64k")
+    with open(p, "rb") as fh:
+        fh.seek(40)
+        l1_off = struct.unpack(">Q", fh.read(8))[0]
+        fh.seek(l1_off)
+        l2_off = struct.unpack(">Q", fh.read(8))[0] & 0x00FFFFFFFFFFFE00
+    # L2 entry for cluster 1 (64k..128k): point it beyond EOF; cluster 2: misaligned
+    with open(p, "r+b") as fh:
+        fh.seek(l2_off + 8)
+        fh.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+        fh.seek(l2_off + 16)
+        fh.write(struct.pack(">Q", (1 << 63) | 0x50200))
+    with open_qcow2(str(p), read_only=False) as img:
+        for off in (65536 + 5, 2 * 65536):
+            with pytest.raises(OSError) as ei:
+                img.read(off, 100)
+            assert ei.value.errno == errno.EIO
+        assert img.read(0, 1000) == b"\x07" * 1000  # other ranges still work
+        assert img.read(7 << 20, 100) == b"\x09" * 100
+    # an L1 entry pointing beyond EOF
+    with open(p, "r+b") as fh:
+        fh.seek(l1_off)
+        fh.write(struct.pack(">Q", (1 << 63) | (1 << 41)))
+    with open_qcow2(str(p), read_only=True) as img:
+        with pytest.raises(OSError) as ei:
+            img.read(0, 10)
+        assert ei.value.errno == errno.EIO
