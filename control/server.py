@@ -4,6 +4,9 @@ One task group per client: a reader feeding requests (in order) to a processor t
 the commands one after the other, a writer draining a bounded outgoing queue, and an event
 forwarder. A client is dropped when its outgoing queue or event subscription is full, so a
 client that never reads cannot block the daemon, the event bus or other clients.
+Sessions are shielded from the server's cancellation: on stop, each stops reading and gets
+`ServerConfig.close_grace` seconds to write what is already queued (answers, SHUTDOWN).
+Peers are checked with SO_PEERCRED: only our uid and root are served.
 """
 
 from __future__ import annotations
