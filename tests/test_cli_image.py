@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,32 @@ def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
         assert [pick(i) for i in ours] == [pick(i) for i in theirs]
         assert vdisk("info", "--backing-chain", name, cwd=tmp_path).stdout == qemu_img(
             "info", "--backing-chain", name, cwd=tmp_path)
+
+
+def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
+    need_qcow2()
+    dirty = tmp_path / "dirty.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", dirty, "1M")
+    proc = subprocess.Popen(["qemu-io", str(dirty)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("write 0 64k\n")
+        proc.stdin.flush()
+        assert "wrote" in proc.stdout.readline()
+    finally:
+        proc.kill()  # no clean close: the dirty bit stays set
+        proc.communicate()
+    names = [dirty]
+    for i, backing in enumerate(('json:{"file":{"filename":"x"}}', "file:x.raw", "nbd:h:1")):
+        p = tmp_path / f"odd{i}.qcow2"
+        qemu_img("create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", p, "1M")
+        names.append(p)
+    for p in names:
+        theirs = qemu_info(p)
+        assert pick(json.loads(vdisk("info", "--output=json", p).stdout)) == pick(theirs)
+        assert vdisk("info", p).stdout == qemu_img("info", p)
+    assert qemu_info(dirty)["dirty-flag"] is True
 
 
 def test_info_bad_input(tmp_path: Path) -> None:

@@ -102,3 +102,17 @@ def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
         assert '"format": "qcow2"' in res.stdout
     top = open_chain(str(imgs["top"]), read_only=False)
     close_chain(top)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
+    if fmt == "qcow2":
+        need_qcow2()
+    p = tmp_path / f"busy.{fmt}"
+    qemu_img("create", "-f", fmt, p, "1M")
+    before = p.read_bytes()
+    with QemuHolder(p, fmt):
+        res = run(VDISK, "create", "-f", fmt, p, "2M", check=False)
+        assert res.returncode == 1 and "in use" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert p.read_bytes() == before
