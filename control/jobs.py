@@ -235,6 +235,17 @@ class StreamJob:
             self.error = error_text(exc)
         return "skip" if action == "ignore" else "stop"
 
+    def _needs_copy(self, depth: int | None, status: Status) -> bool:
+        """Whether a run some layer below the top holds must be copied up.
+
+        Zeroes need copying only when something would otherwise show through, i.e.
+        when the top keeps a backing file (base): without one, what the top lacks
+        reads as zeroes anyway (this keeps a sparse raw bottom image sparse).
+        """
+        if not depth:
+            return False  # held by the top (0), or by nobody above base (None)
+        return status is not Status.ZERO or self.base is not None
+
     async def _copy_all(self) -> None:
         top = self.device.top
         if top.backing is None or top.backing is self.base:
@@ -243,9 +254,9 @@ class StreamJob:
         while self.offset < self.len:
             if not await self._checkpoint():
                 return
-            run, depth, _status = await self._status_fn(self.offset, self.len - self.offset)
+            run, depth, status = await self._status_fn(self.offset, self.len - self.offset)
             run = max(1, min(run, self.len - self.offset))
-            if depth is not None and depth > 0:
+            if self._needs_copy(depth, status):
                 run = min(run, self._step_size())
                 try:
                     copied = await self.device.copy_up(self.offset, run, base=self.base)

@@ -268,3 +268,22 @@ async def test_manager_errors_and_base() -> None:
         assert ei.value.cls == "NotSupported"
         with pytest.raises(QMPError):
             StreamJob("x", dev, speed=-1)
+
+
+async def test_zero_runs_copied_only_when_a_base_stays() -> None:
+    dev = FakeDevice(4 * MiB, held=set())
+    seen: list = []
+
+    async def status(offset: int, length: int) -> tuple[int, int | None, Status]:
+        return min(length, MiB), 1, Status.ZERO
+
+    async def copy_up(offset: int, length: int, *, base: Any = None) -> int:
+        seen.append((offset, length))
+        return length
+
+    dev.copy_up = copy_up  # type: ignore[method-assign]
+    events: list = []
+    await StreamJob("j", dev, emit=lambda n, d: events.append(n), status_fn=status).run()
+    assert seen == [] and events == ["BLOCK_JOB_COMPLETED"] and dev.new_backing is None
+    await StreamJob("j", dev, base=dev.base, status_fn=status).run()
+    assert sum(n for _, n in seen) == 4 * MiB and dev.new_backing is dev.base
