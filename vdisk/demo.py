@@ -8,6 +8,7 @@ the teardown keeps its order), then the folder is deleted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -233,7 +234,7 @@ def mount_disk(demo: Demo) -> bool:
 def _read_files(demo: Demo, names: list[str], mounted: bool) -> dict[str, str]:
     """sha256 of each file through the mount (or of the whole drive file), read slowly
     enough that the stream and the reads visibly overlap."""
-    pause = (lambda: time.sleep(READ_PAUSE))
+    pause = functools.partial(time.sleep, READ_PAUSE)
     if not mounted:
         return {DRIVE: sha256_file(demo.p("mnt", DRIVE), pause)}
     return {n: sha256_file(demo.p("fs", n), pause) for n in names}
