@@ -8,7 +8,6 @@ the teardown keeps its order), then the folder is deleted.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
@@ -18,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,10 +231,20 @@ def mount_disk(demo: Demo) -> bool:
 
 # -- the stream ----------------------------------------------------------------------
 
-def _read_files(demo: Demo, names: list[str], mounted: bool) -> dict[str, str]:
+class Stopped(Exception):
+    """The reader thread was told to stop."""
+
+
+def _read_files(
+    demo: Demo, names: list[str], mounted: bool, stop: threading.Event
+) -> dict[str, str]:
     """sha256 of each file through the mount (or of the whole drive file), read slowly
-    enough that the stream and the reads visibly overlap."""
-    pause = functools.partial(time.sleep, READ_PAUSE)
+    enough that the stream and the reads visibly overlap; stops early once stop is set."""
+
+    def pause() -> None:
+        if stop.wait(READ_PAUSE):
+            raise Stopped()
+
     if not mounted:
         return {DRIVE: sha256_file(demo.p("mnt", DRIVE), pause)}
     return {n: sha256_file(demo.p("fs", n), pause) for n in names}
@@ -249,22 +259,29 @@ async def stream(demo: Demo, names: list[str], mounted: bool) -> tuple[dict[str,
                  "copies base.raw's data into top.qcow2 while we read the files "
                  "(copy-on-read helps):")
         result: dict[str, dict[str, str]] = {}
+        stop = threading.Event()
 
         async def reader() -> None:
-            result["sums"] = await trio.to_thread.run_sync(_read_files, demo, names, mounted)
+            result["sums"] = await trio.to_thread.run_sync(
+                _read_files, demo, names, mounted, stop
+            )
 
         final: dict[str, Any] | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            while final is None:
-                jobs = await qmp.execute("query-block-jobs")
-                for job in jobs:
-                    progress.update([(f"   {job['device']}", job["offset"], job["len"])])
-                for ev in qmp.pending_events():
-                    if ev.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-                        final = ev
+            try:
+                while final is None:
+                    jobs = await qmp.execute("query-block-jobs")
+                    for job in jobs:
+                        progress.update([(f"   {job['device']}", job["offset"], job["len"])])
+                    for ev in qmp.pending_events():
+                        if ev.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                            final = ev
+                    if final is None:
+                        await trio.sleep(POLL)
+            finally:
                 if final is None:
-                    await trio.sleep(POLL)
+                    stop.set()  # interrupted: let the reader thread end now
         data = final["data"]
         progress.update([(f"   {data['device']}", data["offset"], data["len"])], force=True)
         if final["event"] != "BLOCK_JOB_COMPLETED" or "error" in data:
@@ -276,6 +293,21 @@ async def stream(demo: Demo, names: list[str], mounted: bool) -> tuple[dict[str,
 
 
 # -- the whole run -------------------------------------------------------------------
+
+def _single(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception to report from a trio nursery's group (Ctrl-C wins)."""
+    if eg.subgroup(KeyboardInterrupt) is not None:
+        return KeyboardInterrupt()
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [eg]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        elif not isinstance(e, trio.Cancelled):
+            leaves.append(e)
+    return leaves[0] if len(leaves) == 1 else eg
+
 
 def teardown(demo: Demo, keep_folder: bool = False) -> list[str]:
     """Release everything (each step independent of the others); what failed."""
@@ -311,7 +343,10 @@ def main_steps(demo: Demo) -> None:
         disk_sum = hashlib.sha256(f.read()).hexdigest()
     start_daemon(demo)
     mounted = mount_disk(demo)
-    read, event_line = trio.run(stream, demo, sorted(sums), mounted)
+    try:
+        read, event_line = trio.run(stream, demo, sorted(sums), mounted)
+    except BaseExceptionGroup as eg:
+        raise _single(eg) from None
     demo.say(event_line)
     expect = sums if mounted else {DRIVE: disk_sum}
     bad = [n for n in expect if read.get(n) != expect[n]]
@@ -351,7 +386,7 @@ def run_demo(out: TextIO | None = None, speed: int = DEFAULT_SPEED) -> int:
         main_steps(demo)
     except KeyboardInterrupt:
         status = 130
-    except (VdiskError, OSError) as e:
+    except Exception as e:  # reported in one line once everything is released
         error = e
     finally:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the teardown finish
@@ -367,7 +402,9 @@ def run_demo(out: TextIO | None = None, speed: int = DEFAULT_SPEED) -> int:
         if isinstance(error, OSError):
             where = f"{error.filename}: " if error.filename else ""
             raise VdiskError(f"demo failed: {where}{error.strerror or error}")
-        raise VdiskError(f"demo failed: {error}")
+        if isinstance(error, VdiskError):
+            raise VdiskError(f"demo failed: {error}")
+        raise VdiskError(f"demo failed: {type(error).__name__}: {error}")
     if status == 0:
         demo.say(f"7. Removed {demo.tmp}. Done.")
     return status
