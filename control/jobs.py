@@ -28,7 +28,12 @@ from vdisk.image import Image, Status
 
 log = logging.getLogger("vdisk.jobs")
 
-CHUNK = 1 << 20  # bytes copied per step when unthrottled (see report for measurement)
+# Bytes copied per step when unthrottled. Measured on a 256 MiB fully allocated chain
+# (2 cores, page cache): 256 KiB..4 MiB all stream in 0.2-0.6 s (noise dominates), while
+# each step blocks the event loop for longer as it grows (user 4 KiB I/O done meanwhile
+# drops from ~175 to ~57 ops at 1 ms spacing). 512 KiB keeps user I/O flowing.
+CHUNK = 512 << 10
+MAX_WINDOW = 1 << 40  # largest status query while skipping
 ON_ERROR = ("report", "stop", "ignore")
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -251,12 +256,19 @@ class StreamJob:
         if top.backing is None or top.backing is self.base:
             self.offset = self.len  # nothing above base to copy
             return
+        window = self._chunk  # status look-ahead: grows over skipped runs, resets on copy
         while self.offset < self.len:
             if not await self._checkpoint():
                 return
-            run, depth, status = await self._status_fn(self.offset, self.len - self.offset)
-            run = max(1, min(run, self.len - self.offset))
-            if self._needs_copy(depth, status):
+            ask = min(window, self.len - self.offset)
+            run, depth, status = await self._status_fn(self.offset, ask)
+            run = max(1, min(run, ask))
+            needs_copy = self._needs_copy(depth, status)
+            if needs_copy:
+                window = self._chunk
+            elif run == ask:
+                window = min(window * 4, MAX_WINDOW)
+            if needs_copy:
                 run = min(run, self._step_size())
                 try:
                     copied = await self.device.copy_up(self.offset, run, base=self.base)
