@@ -52,7 +52,8 @@ class StreamDevice(Protocol):
 
     async def flush(self) -> None: ...
 
-    async def set_backing(self, new_backing: Image | None) -> None: ...
+    async def set_backing(self, new_backing: Image | None, *, name: str | None = None) -> None:
+        ...
 
 
 StatusFn = Callable[[int, int], Awaitable[tuple[int, int | None, Status]]]
@@ -320,7 +321,10 @@ class StreamJob:
         """Flush what was copied, then repoint the header and switch the live chain."""
         await self.device.flush()
         if self.device.top.backing is not self.base:
-            await self.device.set_backing(self.base)
+            if self.backing_file is not None:
+                await self.device.set_backing(self.base, name=self.backing_file)
+            else:
+                await self.device.set_backing(self.base)
 
     def _event_data(self, error: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -385,6 +389,10 @@ class JobManager:
         if device.read_only:
             raise QMPError("NotSupported", f"Device '{drive}' is read-only")
         base_img = find_base(device.top, base) if base is not None else None
+        if backing_file is not None and base_img is None:
+            raise QMPError(
+                "GenericError", "backing-file specified, but streaming the entire chain"
+            )
         job = StreamJob(
             job_id,
             device,

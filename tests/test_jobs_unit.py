@@ -124,7 +124,7 @@ class FakeDevice:
     async def flush(self) -> None:
         self.calls.append(("flush", None))
 
-    async def set_backing(self, new_backing: Any) -> None:
+    async def set_backing(self, new_backing: Any, *, name: Any = None) -> None:
         self.calls.append(("set_backing", new_backing))
         self.new_backing = new_backing
 

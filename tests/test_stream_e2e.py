@@ -99,6 +99,23 @@ def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
     assert depth_of(after, 30 * MiB)[1] is False
 
 
+def test_stream_backing_file_string(tmp_path: Path) -> None:
+    base, mid, top = three_layers(tmp_path)
+    orig = to_raw(top, tmp_path / "orig.raw")
+    spelled = f"{tmp_path}/./base.qcow2"
+    with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
+        assert q.err("block-stream", device="d0", **{"backing-file": spelled}) == (
+            "GenericError", "backing-file specified, but streaming the entire chain")
+        q.ok("block-stream", device="d0", base="base.qcow2", **{"backing-file": spelled})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in ev["data"]
+        assert srv.stop() == 0, srv.stderr
+    meta = info(top)
+    assert meta["backing-filename"] == spelled and meta["backing-filename-format"] == "qcow2"
+    check_clean(top)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
+
+
 def test_stream_no_op_cases(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     alone = create(tmp_path / "alone.qcow2", 8 * MiB)

@@ -207,16 +207,22 @@ class BlockDevice:
             return name
         return os.path.relpath(new_backing.path, os.path.dirname(os.path.abspath(self.top.path)))
 
-    async def set_backing(self, new_backing: Image | None) -> None:
+    async def set_backing(self, new_backing: Image | None, *, name: str | None = None) -> None:
         """Make new_backing (an image further down the chain, or None) the top's backing file:
-        flush, rewrite the header, switch the live chain, close the dropped images."""
+        flush, rewrite the header, switch the live chain, close the dropped images.
+
+        name, if given, is stored in the header instead of backing_name_for(new_backing)
+        (block-stream's backing-file)."""
         self._check_open()
         if self.read_only:
             raise _oserror(errno.EROFS, f"drive {self.drive_id} is read-only")
         top = self.top
         if new_backing is top.backing:
             return
-        name = None if new_backing is None else self.backing_name_for(new_backing)
+        if new_backing is None:
+            name = None
+        elif name is None:
+            name = self.backing_name_for(new_backing)
         fmt = None if new_backing is None else new_backing.format_name
         async with self._locks.hold_all():
             await self._threaded(top.flush)
