@@ -189,3 +189,24 @@ def test_cli_stream_offline(tmp_path: Path) -> None:
     raw.write_bytes(b"\0" * MiB)
     out = vdisk("stream", raw)
     assert out.returncode == 1 and "Traceback" not in out.stderr and str(raw) in out.stderr
+
+
+def test_stream_shorter_backing_file(tmp_path: Path) -> None:
+    """An intermediate shorter than the top: past its end the view reads zeroes, which
+    must be kept when the top is re-pointed at a longer base holding data there."""
+    base = create(tmp_path / "base.qcow2", "32M")
+    qemu_io(base, "write -P 0x61 0 32M")
+    mid = create(tmp_path / "mid.qcow2", "16M", "base.qcow2")
+    qemu_io(mid, "write -P 0x62 4M 1M")
+    top = create(tmp_path / "top.qcow2", "32M", "mid.qcow2")
+    qemu_io(top, "write -P 0x63 20M 64K")
+    orig = to_raw(top, tmp_path / "orig.raw")
+    with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
+        q.ok("block-stream", device="d0", base="base.qcow2")
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in ev["data"] and ev["data"]["offset"] == 32 * MiB
+        assert srv.stop() == 0, srv.stderr
+    assert info(top)["backing-filename"] == "base.qcow2"
+    check_clean(top)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
+    qemu_io(top, "read -P 0 16M 4M", "read -P 0x63 20M 64K", "read -P 0x62 4M 1M")
