@@ -31,7 +31,7 @@ class HostMapper:
         self._entry = 16 if self.extended else 8
         self._l2_entries = self.cluster_size // self._entry
         raw_l1 = os.pread(self._fd, 8 * l1_size, self._l1_offset)
-        self._l1 = list(struct.unpack(f">{len(raw_l1) // 8}Q", raw_l1))
+        self._l1 = list(struct.unpack_from(f">{len(raw_l1) // 8}Q", raw_l1))
         self._l2: dict[int, bytes] = {}
 
     def close(self) -> None:
