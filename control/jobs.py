@@ -163,6 +163,8 @@ class StreamJob:
         self._kick()
 
     def pause(self) -> None:
+        if self.paused:
+            raise QMPError("GenericError", f"Job '{self.id}' is already paused")
         self.paused = True
         self._kick()
 

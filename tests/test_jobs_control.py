@@ -105,6 +105,7 @@ def test_pause_resume_and_query_fields(tmp_path: Path) -> None:
         assert j["status"] in ("created", "running") and j["paused"] is False
         wait_until(lambda: (q.job("d0") or {}).get("offset", 0) > 0)
         assert q.ok("block-job-pause", device="d0") == {}
+        assert q.err("block-job-pause", device="d0")[0] == "GenericError"
         wait_until(lambda: (q.job("d0") or {}).get("status") == "paused")
         j = q.job("d0")
         assert j is not None and j["paused"] is True and j["busy"] is False
@@ -113,6 +114,7 @@ def test_pause_resume_and_query_fields(tmp_path: Path) -> None:
         time.sleep(0.6)
         assert q.job("d0")["offset"] == frozen  # type: ignore[index]
         assert q.ok("block-job-resume", device="d0") == {}
+        assert q.err("block-job-resume", device="d0")[0] == "GenericError"  # not paused
         wait_until(lambda: (q.job("d0") or {}).get("offset", 0) > frozen)
         j = q.job("d0")
         assert j is not None and j["paused"] is False and j["status"] == "running"
