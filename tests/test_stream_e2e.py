@@ -144,21 +144,33 @@ def test_stream_no_op_cases(tmp_path: Path) -> None:
 def test_stream_2tib_sparse_is_fast(tmp_path: Path) -> None:
     size = 2048 * GiB
     base = create(tmp_path / "base.qcow2", size)
-    qemu_io(base, "write -P 0x51 0 1M", "write -P 0x52 1T 1M", "write -P 0x53 2047G 1M")
+    writes = ("write -P 0x51 0 1M", "write -P 0x52 1T 1M", "write -P 0x53 2047G 1M")
+    qemu_io(base, *writes)
     top = create(tmp_path / "top.qcow2", size, "base.qcow2")
     qemu_io(top, "write -P 0x54 512K 4K")
-    with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
+    raw = tmp_path / "base.raw"  # a sparse raw bottom image
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    qemu_io(raw, *writes, fmt="raw")
+    top2 = create(tmp_path / "top2.qcow2", size, "base.raw", backing_fmt="raw")
+    qemu_io(top2, "write -P 0x54 512K 4K")
+    with serving(tmp_path, drive(top), f"id=d1,file={top2},copy-on-read=off") as srv, \
+            qmp_session(srv.qmp_path) as q:
         t0 = time.monotonic()
         q.ok("block-stream", device="d0")
-        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        q.ok("block-stream", device="d1")
+        for dev in ("d0", "d1"):
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", device=dev, timeout=60)
+            assert "error" not in ev["data"] and ev["data"]["offset"] == size
         elapsed = time.monotonic() - t0
-        assert "error" not in ev["data"] and ev["data"]["offset"] == size
         assert elapsed < 30, elapsed
         assert srv.stop() == 0, srv.stderr
-    assert "backing-filename" not in info(top)
-    check_clean(top)
-    qemu_io(top, "read -P 0x51 0 512K", "read -P 0x54 512K 4K", "read -P 0x52 1T 1M",
-            "read -P 0x53 2047G 1M", "read -P 0 2046G 1M")
+    for img in (top, top2):
+        assert "backing-filename" not in info(img)
+        check_clean(img)
+        qemu_io(img, "read -P 0x51 0 512K", "read -P 0x54 512K 4K", "read -P 0x52 1T 1M",
+                "read -P 0x53 2047G 1M", "read -P 0 2046G 1M")
+        assert Path(img).stat().st_size < 64 * MiB  # the holes stayed holes
 
 
 def vdisk(*args: str | Path) -> subprocess.CompletedProcess[str]:
