@@ -90,20 +90,22 @@ def test_sigkill_rounds(tmp_path: Path) -> None:
         assert child.stdout is not None
         out = b""
         try:
-            # wait until it has the image open, then let it run a random while
+            # let it run until a random number of acknowledged flushes, plus a random while
+            target = rnd.randrange(0, 25)
             deadline = time.monotonic() + 20
-            while b"open" not in out and time.monotonic() < deadline:
+            while (b"open" not in out or out.count(b"ack ") < target) and \
+                    b"done" not in out and time.monotonic() < deadline:
                 if select.select([child.stdout], [], [], 0.5)[0]:
                     out += os.read(child.stdout.fileno(), 4096)
             assert b"open" in out, out
-            time.sleep(rnd.uniform(0.0, 0.12))
+            time.sleep(rnd.uniform(0.0, 0.01))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
         out += child.stdout.read()
         child.stdout.close()
         last = -1
-        for line in out.decode().splitlines():
+        for line in out.decode().split("\n")[:-1]:  # complete lines only
             if line.startswith("ack "):
                 last = int(line.split()[1])
         mid += b"done" not in out

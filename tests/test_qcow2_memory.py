@@ -17,7 +17,7 @@ from vdisk.qcow2 import create_qcow2, open_qcow2
 REPO = str(Path(__file__).resolve().parent.parent)
 
 CHILD = r"""
-import hashlib, json, random, resource, sys
+import hashlib, json, random, sys
 from vdisk.qcow2 import open_qcow2
 path = sys.argv[1]
 rnd = random.Random(7)
@@ -43,7 +43,9 @@ while pos < size and runs < 5000:
     pos += e.length
     runs += 1
 img.close()
-print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+# VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"maxrss_kib": int(hwm),
                   "writes": [d for d in done[:20]]}))
 """
 

@@ -1,19 +1,22 @@
 """Qcow2Image: reads, copy-on-write writes, zero clusters, header rewrites.
 
 Write ordering (crash safety). Metadata is written through to the file as it
-changes (no dirty cache), in this order, so a SIGKILL at any point leaves at most
-leaked clusters:
-  1. refcount increments for new clusters (and new refcount blocks / tables),
-  2. guest data into the new clusters, new L2 tables (zeroed or copied),
-  3. a barrier (fdatasync, only if step 1 or a new table wrote anything since the
-     last sync), so refcounts and tables reach the disk before anything points at them,
-  4. the L2 entries (one pwrite per request and L2 table), then L1 entries,
-  5. freed clusters (COW'd shared clusters, compressed clusters, discarded clusters)
-     are only queued; flush() syncs (the L2 entries no longer pointing at them reach
-     the disk first), then drops their refcounts, then syncs again.
-The barrier costs one fdatasync per allocating request (about 0.1-0.2 ms here);
-in-place overwrites of allocated clusters do no metadata I/O and no sync. flush()
-always ends in fdatasync, so everything acknowledged by a flush survives a crash.
+changes (no dirty cache), so a SIGKILL at any point leaves at most leaked clusters,
+and fdatasync barriers order the steps that depend on each other for power loss:
+  1. new clusters come from a reserve: a run of clusters whose refcounts were set
+     to 1 and synced (one fdatasync per batch; the batch doubles up to ~8 MiB),
+  2. guest data goes into them; new L2 tables are written (zeroed or copied) and
+     synced before the L1 entry naming them is written,
+  3. L2 entries are written (one pwrite per request and L2 table); they only ever
+     name clusters whose refcount is already on disk, so no sync is needed here,
+  4. clusters that lose their last reference here (COW of shared or compressed
+     clusters, discards) are only queued; flush() syncs (the L2 entries that dropped
+     them reach the disk first), then lowers their refcounts, then syncs again.
+A crash can leak the unused reserve and the queued frees (qemu-img check -r leaks
+repairs that); close() returns the reserve. Measured: syncing refcounts before every
+allocating request cost 4x in sequential and 10x in random allocating writes; the
+reserve removes that. flush() always ends in fdatasync, so everything acknowledged
+by a flush survives a crash. In-place overwrites do no metadata I/O at all.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ class Qcow2Image(Image):
                             hdr.refcount_table_clusters, self._set_reftable,
                             refblock_cache_bytes)
         self._comp: tuple[int, bytes] | None = None
+        self._reserve = (0, 0)  # (first cluster, count): refcount 1, synced, unused
+        self._batch = 8
+        self._max_batch = max(16, (8 << 20) >> cb)
         self._pending: list[tuple[int, int]] = []
         self._prepared = False
         self._hdr_len = len(serialize_header(dataclasses.replace(hdr)))
@@ -236,6 +242,20 @@ class Qcow2Image(Image):
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
+        end = offset + length
+        if length and (offset >> self.chunk_bits) == ((end - 1) >> self.chunk_bits):
+            segs = self._map(offset, end)
+            if len(segs) == 1:  # one run: no staging buffer, no copy
+                kind, host = segs[0][2], segs[0][3]
+                if kind == DATA and host + length <= self.f.size:
+                    data = os.pread(self.f.fd, length, host)
+                    if len(data) == length:
+                        return data
+                elif kind == ZEROES or (kind == UNALLOC and self.backing is None):
+                    return bytes(length)
+                elif kind == UNALLOC and self.backing is not None:
+                    if end <= self.backing.virtual_size:
+                        return self.backing.read(offset, length)
         buf = bytearray(length)
         self.read_into(offset, memoryview(buf))
         return bytes(buf)
@@ -324,7 +344,7 @@ class Qcow2Image(Image):
             src = array("Q", t)
         else:
             src = array("Q", bytes(self.cluster_size))
-        start, _ = self.rc.alloc(1)
+        start, _ = self._alloc(1)
         new = start << self.cluster_bits
         be = array("Q", src)
         be.byteswap()
@@ -337,6 +357,23 @@ class Qcow2Image(Image):
             self.l2_cache.drop(off)
             self._queue_free(off >> self.cluster_bits, 1)
         return new, src
+
+    def _alloc(self, want: int) -> tuple[int, int]:
+        """1..want contiguous clusters whose refcount 1 is already on disk."""
+        start, count = self._reserve
+        if not count:
+            start, count = self.rc.alloc(max(want, self._batch))
+            self._batch = min(self._batch * 2, self._max_batch)
+            self.f.barrier()  # refcounts durable before any L2 entry may name these
+        k = min(want, count)
+        self._reserve = (start + k, count - k)
+        return start, k
+
+    def _return_reserve(self) -> None:
+        start, count = self._reserve
+        if count:
+            self._reserve = (0, 0)
+            self.rc.free(start, count)  # never referenced: no ordering needed
 
     def _queue_free(self, start: int, count: int) -> None:
         self._pending.append((start, count))
@@ -447,7 +484,7 @@ class Qcow2Image(Image):
                 j = i + 1
                 while j < len(plans) and plans[j][1] == _NEW:
                     j += 1
-                start, k = self.rc.alloc(j - i)
+                start, k = self._alloc(j - i)
                 host = start << cb
             last = plans[i + k - 1]
             a = max(offset, c0)
@@ -472,7 +509,6 @@ class Qcow2Image(Image):
 
     def _commit_entries(self, l2off: int, l2: array[int], updates: dict[int, tuple[int, int]]
                         ) -> None:
-        self.f.barrier()  # refcounts (and data) of new clusters before the entries
         for idx, (e, bm) in updates.items():
             if self.extended_l2:
                 l2[idx * 2] = e
@@ -592,7 +628,9 @@ class Qcow2Image(Image):
             return
         try:
             if not self.read_only:
-                self.flush()
+                self._apply_frees()
+                self._return_reserve()
+                self.f.sync()
         finally:
             self._closed = True
             from vdisk.locking import unlock_image
