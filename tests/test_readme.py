@@ -1,0 +1,123 @@
+"""README.md's quick start works as written: its ```sh blocks run, in order, in one shell.
+
+The blocks run in a temporary folder with the venv's bin first on PATH (what
+`. .venv/bin/activate` does), with nothing substituted. Other fenced blocks (```console)
+are the set-up commands and the VM line; they are checked for the commands they name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)
+TIMEOUT = 35
+
+needs_root_and_loop = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control"),
+    reason="the quick start mounts through a loop device (root)",
+)
+
+
+def blocks(lang: str) -> list[str]:
+    return [body for kind, body in FENCE.findall(README.read_text()) if kind == lang]
+
+
+def _procs_in(folder: Path) -> list[int]:
+    """Processes whose working directory is inside folder (the backgrounded vdisk serve)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd == str(folder) or cwd.startswith(f"{folder}/"):
+                found.append(int(pid))
+    return found
+
+
+def _mounts_in(folder: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(f"{folder}/")]
+
+
+def _loops_in(folder: Path) -> list[str]:
+    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in res.stdout.splitlines() if str(folder) in line]
+
+
+def _cleanup(folder: Path) -> None:
+    """Whatever a failed run left: mounts (innermost first), loop devices, the daemon."""
+    for point in sorted(_mounts_in(folder), key=len, reverse=True):
+        if point.endswith("/fs"):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    for loop in _loops_in(folder):
+        subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+    for pid in _procs_in(folder):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    while _procs_in(folder) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for point in _mounts_in(folder):
+        subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
+
+
+def test_readme_has_a_quick_start() -> None:
+    sh = "".join(blocks("sh"))
+    for needed in ("vdisk create", "vdisk serve", "losetup", "mount ", "block-stream",
+                   "vdisk jobs", "socat - UNIX-CONNECT:", "qmp-shell", " quit"):
+        assert needed in sh, needed
+    console = "".join(blocks("console"))
+    assert "scripts/run" in console and "scripts/test" in console
+    assert "-drive file=mnt/disk0,format=raw" in console
+    assert "The test command is `scripts/test`." in README.read_text()
+    for name in ("run", "test", "setup"):
+        assert os.access(ROOT / "scripts" / name, os.X_OK), name
+    for doc in re.findall(r"\]\((docs/[^)]+)\)", README.read_text()):
+        assert (ROOT / doc).is_file(), doc
+
+
+@needs_root_and_loop
+def test_readme_quick_start_runs(tmp_path: Path) -> None:
+    script = "set -euo pipefail\n" + "\n".join(blocks("sh"))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    try:
+        res = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, text=True,
+                             capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    finally:
+        _cleanup(tmp_path)
+    out = res.stdout
+    assert res.returncode == 0, f"stdout:\n{out}\nstderr:\n{res.stderr}"
+    assert "backing file: base.raw" in out  # the chain before
+    assert "Images are identical." in out  # mnt/disk0 reads like the chain
+    assert "hello from the base image" in out  # the file system through the loop device
+    assert '"return":[]' in out.replace(" ", "")  # socat's raw QMP answer
+    assert "completed at 67108864/67108864 bytes" in out  # vdisk jobs --watch
+    final_info = out.rsplit("image: top.qcow2", 1)[1]
+    assert "backing file" not in final_info.split("No errors")[0]  # flattened
+    assert out.count("No errors were found on the image.") == 2  # vdisk check, qemu-img check
+    try:
+        work = tmp_path / "vdisk-try"
+        assert not _mounts_in(tmp_path) and not _loops_in(tmp_path) and not _procs_in(tmp_path)
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                              str(work / "top.qcow2"), str(work / "base.raw")],
+                             capture_output=True, text=True, check=False)
+        assert cmp.returncode == 1, cmp.stdout + cmp.stderr  # new.txt was written on top
+    finally:
+        _cleanup(tmp_path)
