@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_qcow2_util import assert_clean, convert_raw, qemu_check, qemu_img, qemu_io
+from test_qcow2_util import assert_clean, convert_raw, qemu_check, qemu_img, qemu_io, run
 
 from vdisk.qcow2 import check_qcow2
 
@@ -127,4 +127,23 @@ def test_copied_flag_cleared(tmp_path: Path) -> None:
     rc, q = _agree(p)
     assert rc == 2 and q["corruptions"] == 1
     check_qcow2(str(p), repair="all")
+    assert_clean(p)
+
+
+def test_bitmaps_counted_and_cleared_on_write(tmp_path: Path) -> None:
+    """Bitmap clusters are references while the bitmaps autoclear bit is set; vdisk does not
+    maintain bitmaps, so its first write clears the bit and they become leaks (as in QEMU)."""
+    from vdisk.qcow2 import open_qcow2
+
+    p = _image(tmp_path)
+    run("qemu-img", "bitmap", "--add", str(p), "b0")
+    run("qemu-img", "bitmap", "--add", "-g", "65536", str(p), "b1")
+    qemu_io(p, "write -P 5 2M 1M")
+    rc, _ = _agree(p)
+    assert rc == 0
+    with open_qcow2(str(p), read_only=False) as img:
+        img.write(0, b"x")
+    rc, q = _agree(p)
+    assert rc == 3 and q["leaks"] > 0 and q.get("corruptions", 0) == 0
+    check_qcow2(str(p), repair="leaks")
     assert_clean(p)

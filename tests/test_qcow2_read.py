@@ -60,6 +60,8 @@ def _variant(tmp: Path, name: str) -> Path:
         "extl2": "extended_l2=on,cluster_size=64k",
         "zlib": "compression_type=zlib",
         "zstd": "compression_type=zstd",
+        "prealloc": "preallocation=metadata",
+        "extl2-2m": "extended_l2=on,cluster_size=2M",
     }[name]
     extra = ["-c"] if name in ("zlib", "zstd") else []
     qemu_img("convert", *extra, "-f", "raw", "-O", "qcow2", "-o", opts, str(raw), str(img))
@@ -71,7 +73,7 @@ def _variant(tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("name", ["v3", "v2", "c512", "c2m", "rc1", "rc64", "extl2", "zlib",
-                                  "zstd"])
+                                  "zstd", "prealloc", "extl2-2m"])
 def test_read_variants(tmp_path: Path, name: str) -> None:
     img = _variant(tmp_path, name)
     want = convert_raw(img, tmp_path)
