@@ -121,3 +121,28 @@ def test_readme_quick_start_runs(tmp_path: Path) -> None:
         assert cmp.returncode == 1, cmp.stdout + cmp.stderr  # new.txt was written on top
     finally:
         _cleanup(tmp_path)
+
+
+def _qmp_sections() -> dict[str, str]:
+    """docs/QMP.md's '### `name`' sections by name."""
+    text = (ROOT / "docs" / "QMP.md").read_text()
+    parts = re.split(r"^### `([^`]+)`\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1].split("\n## ")[0] for i in range(1, len(parts), 2)}
+
+
+def test_qmp_doc_names_every_registered_command_and_argument() -> None:
+    from vdisk.daemon import Daemon, ServeConfig
+
+    registry = Daemon(ServeConfig(mount="mnt", qmp="qmp.sock", drives=())).registry
+    sections = _qmp_sections()
+    events = {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "SHUTDOWN"}
+    for name in registry.names():
+        assert name in sections, f"docs/QMP.md lacks a section for {name}"
+        command = registry.lookup(name)
+        assert command is not None
+        for param in command.params:
+            assert f"`{param.name}`" in sections[name], f"{name}: argument {param.name}"
+    assert set(sections) - set(registry.names()) == events  # nothing unregistered
+    sources = (ROOT / "control" / "jobs.py").read_text() + (ROOT / "vdisk" / "daemon.py").read_text()
+    for event in events:
+        assert f'"{event}"' in sources, event
