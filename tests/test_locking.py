@@ -100,6 +100,12 @@ def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
         assert res.returncode == 1 and "in use" in res.stderr
         res = run(VDISK, "info", "-U", "--output=json", imgs["top"])
         assert '"format": "qcow2"' in res.stdout
+        # like qemu-img create, an overlay may be made over an image in use
+        run(VDISK, "create", "-f", "qcow2", "-b", imgs["top"], tmp_path / "new.qcow2")
+        assert run(VDISK, "check", "-U", imgs["top"]).returncode == 0
+        res = run(VDISK, "check", imgs["top"], check=False)
+        assert res.returncode == 1 and "in use" in res.stderr
+    qemu_img("check", tmp_path / "new.qcow2")
     top = open_chain(str(imgs["top"]), read_only=False)
     close_chain(top)
 

@@ -9,11 +9,13 @@ import argparse
 import inspect
 import json
 import os
+import struct
 import sys
 from typing import Any
 
 from vdisk.chain import check_plain_file, probe_format
 from vdisk.cli._common import UsageError
+from vdisk.cli._qcow2stats import check_stats
 from vdisk.errors import ImageError
 
 
@@ -44,7 +46,7 @@ def exit_code(result: Any) -> int:
     return 0
 
 
-def as_json(result: Any, filename: str) -> dict[str, Any]:
+def as_json(result: Any, filename: str, stats: dict[str, int]) -> dict[str, Any]:
     doc: dict[str, Any] = {"filename": filename, "format": "qcow2",
                            "check-errors": _int(result, "check_errors")}
     for key in ("corruptions", "leaks"):
@@ -55,14 +57,13 @@ def as_json(result: Any, filename: str) -> dict[str, Any]:
         doc["leaks-fixed"] = leaks_fixed
     if corr_fixed:
         doc["corruptions-fixed"] = corr_fixed
-    for key in ("image_end_offset", "total_clusters", "allocated_clusters",
-                "fragmented_clusters", "compressed_clusters"):
-        if getattr(result, key, None) is not None:
-            doc[key.replace("_", "-")] = _int(result, key)
+    for key, value in stats.items():
+        if value:
+            doc[key] = value
     return doc
 
 
-def as_human(result: Any) -> str:
+def as_human(result: Any, stats: dict[str, int]) -> str:
     corr, leaks, errs = (_int(result, k) for k in ("corruptions", "leaks", "check_errors"))
     out: list[str] = []
     leaks_fixed, corr_fixed = _fixed(result)
@@ -70,6 +71,7 @@ def as_human(result: Any) -> str:
         out.append("The following inconsistencies were found and repaired:\n")
         out.append(f"    {leaks_fixed} leaked clusters")
         out.append(f"    {corr_fixed} corruptions\n")
+        out.append("Double checking the fixed image now...")
     if not (corr or leaks or errs):
         out.append("No errors were found on the image.")
     if corr:
@@ -80,13 +82,13 @@ def as_human(result: Any) -> str:
                    "of disk space, but no harm to data.")
     if errs:
         out.append(f"\n{errs} internal errors have occurred during the check.")
-    total, alloc = _int(result, "total_clusters"), _int(result, "allocated_clusters")
+    total, alloc = stats.get("total-clusters", 0), stats.get("allocated-clusters", 0)
     if total and alloc:
-        frag, comp = _int(result, "fragmented_clusters"), _int(result, "compressed_clusters")
+        frag, comp = stats["fragmented-clusters"], stats["compressed-clusters"]
         out.append(f"{alloc}/{total} = {alloc * 100.0 / total:0.2f}% allocated, "
                    f"{frag * 100.0 / alloc:0.2f}% fragmented, "
                    f"{comp * 100.0 / alloc:0.2f}% compressed clusters")
-    end = _int(result, "image_end_offset")
+    end = stats.get("image-end-offset", 0)
     if end:
         out.append(f"Image end offset: {end}")
     return "\n".join(out) + "\n"
@@ -129,10 +131,14 @@ def run(args: argparse.Namespace) -> int:
         result = check_qcow2(path, repair=args.repair)
     for msg in getattr(result, "messages", None) or []:
         print(msg, file=sys.stderr)
+    try:
+        stats = check_stats(path)
+    except (OSError, ValueError, struct.error):
+        stats = {}  # a header too broken to walk: the check result says why
     if args.output == "json":
-        sys.stdout.write(json.dumps(as_json(result, args.file), indent=4) + "\n")
+        sys.stdout.write(json.dumps(as_json(result, args.file, stats), indent=4) + "\n")
     else:
-        sys.stdout.write(as_human(result))
+        sys.stdout.write(as_human(result, stats))
     return exit_code(result)
 
 
