@@ -1,0 +1,155 @@
+"""vdisk against qemu-storage-daemon on the same backing chain; see docs/PERFORMANCE.md.
+
+Run it through scripts/bench (which installs the tools first):
+
+    scripts/bench [--size 1G] [--quick] [--json FILE] [--plot FILE.png] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_lib.chain import build_chain  # noqa: E402
+from bench_lib.report import figures, plot, table, targets, write_json  # noqa: E402
+from bench_lib.runner import Bench, Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (like 512M or 1G)")
+    size = int(m.group(1)) * UNITS[m.group(2).upper()]
+    if size < (16 << 20) or size % (1 << 20):
+        raise argparse.ArgumentTypeError(f"'{text}': the size must be a whole number of MiB, "
+                                         "at least 16M")
+    return size
+
+
+def machine() -> dict[str, Any]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return "?"
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "qemu": out(["qemu-storage-daemon", "--version"]).splitlines()[0],
+        "qemu_img": out(["qemu-img", "--version"]).splitlines()[0],
+        "fio": out(["fio", "--version"]),
+        "python": platform.python_version(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+    }
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=parse_size, default=None, help="chain size (default 1G)")
+    p.add_argument("--quick", action="store_true",
+                   help="small run: 64M chain, 2 s per fio run (for smoke tests)")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10; 2 quick)")
+    p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
+                   help="where to write the results (default bench-results/bench.json)")
+    p.add_argument("--plot", type=Path, default=None, help="also draw the ratios (needs matplotlib)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="sample vdisk with py-spy during random 4K I/O and the stream, into DIR")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="scratch directory (default: a new one under $TMPDIR; removed after)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = p.parse_args(argv)
+    size = args.size or ((64 << 20) if args.quick else (1 << 30))
+    runtime = args.runtime or (2.0 if args.quick else 10.0)
+    ramp = 0.0 if args.quick else 1.0
+    if os.geteuid() != 0:
+        print("bench: warning: not root; FUSE mounts may need /etc/fuse.conf user_allow_other",
+              file=sys.stderr)
+    for tool in ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (run scripts/setup)", file=sys.stderr)
+            return 1
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("bench: --plot needs matplotlib (scripts/bench installs it)", file=sys.stderr)
+            return 1
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vdisk-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        print(f"bench: building a {size >> 20} MiB chain in {work}", flush=True)
+        chain = build_chain(work / "src", size)
+        settings = Settings(work=work, runtime=runtime, ramp=ramp, profile=args.profile,
+                            log=work / "fio.log")
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        bench = Bench(chain, settings)
+        ref = bench.run_all()
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    except Exception as e:  # report in one line; the servers are already stopped
+        print(f"bench: failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figs = figures(bench.results)
+    tgts = targets(figs, ref)
+    doc = {
+        "machine": machine(),
+        "config": {"size": size, "runtime_s": runtime, "ramp_s": ramp, "quick": args.quick,
+                   "fio": "ioengine=psync direct=1 (O_DIRECT on both sides)",
+                   "duration_s": round(time.time() - started, 1)},
+        "figures": figs,
+        "reference": ref,
+        "targets": tgts,
+        "raw": bench.results,
+        "notes": bench.notes,
+    }
+    write_json(args.json, doc)
+    print()
+    print(table(figs, ref, tgts))
+    for note in bench.notes:
+        print(f"note: {note}")
+    print(f"\nbench: results in {args.json}")
+    if args.plot is not None:
+        plot(args.plot, figs)
+        print(f"bench: plot in {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

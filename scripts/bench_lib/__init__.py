@@ -1,0 +1,1 @@
+"""scripts/bench: vdisk against qemu-storage-daemon, on the same backing chain."""
