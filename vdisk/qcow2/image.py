@@ -13,10 +13,11 @@ and fdatasync barriers order the steps that depend on each other for power loss:
      clusters, discards) are only queued; flush() syncs (the L2 entries that dropped
      them reach the disk first), then lowers their refcounts, then syncs again.
 A crash can leak the unused reserve and the queued frees (qemu-img check -r leaks
-repairs that); close() returns the reserve. Measured: syncing refcounts before every
-allocating request cost 4x in sequential and 10x in random allocating writes; the
-reserve removes that. flush() always ends in fdatasync, so everything acknowledged
-by a flush survives a crash. In-place overwrites do no metadata I/O at all.
+repairs that); close() returns the reserve. Measured here (fdatasync ~0.15 ms): a
+sync before every allocating request gave ~4.5K IOPS for random 4 KiB allocating
+writes, the reserve ~15-20K (sequential 1 MiB writes: within noise, ~0.8-1.7 GB/s).
+flush() always ends in fdatasync, so everything acknowledged by a flush survives a
+crash. In-place overwrites do no metadata I/O at all.
 """
 
 from __future__ import annotations
