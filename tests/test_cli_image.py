@@ -254,8 +254,13 @@ def test_map_json_equals_qemu(tmp_path: Path) -> None:
     # named relative to the current directory, and a window of the image
     assert vdisk("map", "--output=json", "top.qcow2", cwd=tmp_path).stdout == qemu_img(
         "map", "--output=json", "top.qcow2", cwd=tmp_path)
-    args = ["--start-offset=1M", "--max-length=3000k", "--output=json", "top.qcow2"]
-    assert vdisk("map", *args, cwd=tmp_path).stdout == qemu_img("map", *args, cwd=tmp_path)
+    qemu_img("create", "-f", "qcow2", tmp_path / "empty.qcow2", "0")
+    for args in (["--start-offset=1M", "--max-length=3000k", "top.qcow2"],
+                 ["--start-offset=100M", "top.qcow2"], ["--max-length=0", "top.qcow2"],
+                 ["empty.qcow2"]):
+        for out in ("--output=json", "--output=human"):
+            assert vdisk("map", out, *args, cwd=tmp_path).stdout == qemu_img(
+                "map", out, *args, cwd=tmp_path), args
 
 
 def test_map_human_equals_qemu(tmp_path: Path) -> None:

@@ -279,6 +279,8 @@ def create_raw(path: str, size: int) -> None:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, round_up(size, SECTOR))
             os.fsync(fd)
+        except OSError as e:
+            raise ImageError(path, f"cannot make the image {size} bytes: {e.strerror}") from None
         finally:
             unlock_image(fd)
     finally:
