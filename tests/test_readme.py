@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -146,3 +147,73 @@ def test_qmp_doc_names_every_registered_command_and_argument() -> None:
     sources = (ROOT / "control" / "jobs.py").read_text() + (ROOT / "vdisk" / "daemon.py").read_text()
     for event in events:
         assert f'"{event}"' in sources, event
+
+
+def _unit_commands(instance: str) -> dict[str, list[str]]:
+    """docs/vdisk@.service's Exec* lines, with %i replaced (the '-' prefix dropped)."""
+    commands: dict[str, list[str]] = {}
+    for line in (ROOT / "docs" / "vdisk@.service").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("Exec"):
+            commands[key] = [value.removeprefix("-").replace("%i", instance)]
+    return commands
+
+
+def _systemd_words(command: str, env: dict[str, str]) -> list[str]:
+    """systemd's expansion: ${VAR} inside a word, $VAR alone is split into words."""
+    import shlex
+
+    words: list[str] = []
+    for word in shlex.split(command):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
+def _conf_from_unit_comment() -> dict[str, str]:
+    text = (ROOT / "docs" / "vdisk@.service").read_text()
+    return dict(re.findall(r"^#\s+([A-Z_]+)=(.*)$", text, flags=re.M))
+
+
+def test_systemd_unit_serves_stops_and_clears_a_crash(tmp_path: Path) -> None:
+    """The unit's commands, run as systemd would (its documented paths swapped for tmp)."""
+    from serving import force_unmount, is_mounted
+
+    conf = _conf_from_unit_comment()
+    assert set(conf) == {"IMAGE", "VDISK_OPTS", "DRIVE_OPTS"}
+    image = tmp_path / "vm1.qcow2"
+    subprocess.run([sys.executable, "-m", "vdisk", "create", "-f", "qcow2", str(image), "8M"],
+                   check=True, capture_output=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    env = {**os.environ, **conf, "RUNTIME_DIRECTORY": str(run_dir), "IMAGE": str(image)}
+    cmds = _unit_commands("vm1")
+    start = _systemd_words(cmds["ExecStart"][0], env)
+    assert start[0] == "/opt/vdisk/.venv/bin/vdisk"
+    start[0] = str(Path(sys.executable).parent / "vdisk")
+    post = _systemd_words(cmds["ExecStartPost"][0], env)
+    stop_post = _systemd_words(cmds["ExecStopPost"][0], env)
+    mnt = run_dir / "mnt"
+    for crash in (False, True):
+        proc = subprocess.Popen(start, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            subprocess.run(post, env=env, check=True, timeout=20)
+            assert stat.S_ISSOCK((run_dir / "qmp.sock").stat().st_mode)
+            assert (mnt / "vm1").stat().st_size == 8 << 20
+            if crash:
+                proc.kill()
+            else:
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            assert rc == (-signal.SIGKILL if crash else 0), proc.stderr.read() if proc.stderr else ""
+            assert is_mounted(mnt) == crash  # a clean stop unmounts; a crash leaves it dead
+            subprocess.run(stop_post, env=env, check=True, timeout=20)
+            assert not is_mounted(mnt)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            force_unmount(mnt)
