@@ -122,3 +122,36 @@ def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
         assert res.returncode == 1 and "in use" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
     assert p.read_bytes() == before
+
+
+def test_storage_daemon_export_locks_out_vdisk(tmp_path: Path) -> None:
+    """A writable NBD export in qemu-storage-daemon: vdisk can neither write nor read the top."""
+    need_qcow2()
+    import subprocess
+    import time
+
+    imgs = make_chain(tmp_path)
+    top = imgs["top"]
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=f,filename={top}",
+         "--blockdev", "driver=qcow2,node-name=q,file=f",
+         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+         "--export", "type=nbd,id=e,node-name=q,writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while 101 not in locked_bytes(top):
+            assert proc.poll() is None and time.monotonic() < deadline, "qsd did not start"
+            time.sleep(0.02)
+        for ro in (False, True):
+            with pytest.raises(LockError, match="in use"):
+                open_chain(str(top), read_only=ro)
+        res = run(VDISK, "map", top, check=False)
+        assert res.returncode == 1 and "in use" in res.stderr
+        assert run(VDISK, "map", "-U", "--output=json", top).returncode == 0
+        assert run(VDISK, "check", "-U", top).returncode == 0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    close_chain(open_chain(str(top), read_only=False))
