@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,6 +262,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid literal '{name}'")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as float; one too large for a double (1e400) is refused, since it
+    could not be written back (e.g. as an echoed id)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def decode_message(chunk: bytes) -> Any:
     """Parse one JSON value from UTF-8 bytes; raises QMPError (GenericError) if invalid."""
     try:
@@ -268,7 +278,7 @@ def decode_message(chunk: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise generic(f"JSON parse error, invalid UTF-8 sequence at byte {e.start}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         msg = e.msg[:1].lower() + e.msg[1:]
         raise generic(f"JSON parse error, {msg} at byte {e.pos}") from None

@@ -2,11 +2,13 @@
 
 One task group per client: a reader feeding requests (in order) to a processor that runs
 the commands one after the other, a writer draining a bounded outgoing queue, and an event
-forwarder. A client is dropped when its outgoing queue or event subscription is full, so a
-client that never reads cannot block the daemon, the event bus or other clients.
+forwarder. A client is dropped when its outgoing queue (in messages or bytes) or its event
+subscription is full, so a client that never reads cannot block the daemon, the event bus or
+other clients, nor make it hold more than a few MiB for it.
 Sessions are shielded from the server's cancellation: on stop, each stops reading and gets
 `ServerConfig.close_grace` seconds to write what is already queued (answers, SHUTDOWN).
-Peers are checked with SO_PEERCRED: only our uid and root are served.
+Peers are checked with SO_PEERCRED: only our uid and root are served. The socket is made
+0600 in a directory only its owner (us or root) can write, else serving is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 65536
 DEFAULT_OUTGOING_QUEUE = 256  # messages queued for one client before it is dropped
+DEFAULT_OUTGOING_BYTES = 8 << 20  # bytes queued for one client before it is dropped
 DEFAULT_PENDING_REQUESTS = 32  # parsed requests of one client waiting to run
 AFTER_REPLY_WAIT = 2.0  # seconds to wait for an answer to be written before its hooks run
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -42,6 +45,7 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     outgoing_queue: int = DEFAULT_OUTGOING_QUEUE
+    outgoing_bytes: int = DEFAULT_OUTGOING_BYTES  # one message alone may exceed it
     pending_requests: int = DEFAULT_PENDING_REQUESTS
     event_buffer: int = DEFAULT_OUTGOING_QUEUE
     close_grace: float = 1.0  # seconds to flush queued output when the server stops
@@ -69,13 +73,39 @@ def _remove_stale_socket(path: str) -> None:
     raise VdiskError(f"{path}: another server is listening on this socket")
 
 
+def check_socket_dir(path: str) -> None:
+    """Refuse a socket directory that another user could write to (or that they own).
+
+    Another user able to create names there could race the socket's name (clients would
+    talk to their server) or swap the socket for a symlink between bind and chmod. /tmp
+    itself is refused too: the sticky bit protects existing names, not free ones.
+    """
+    parent = os.path.dirname(path) or "."
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise VdiskError(f"{path}: directory {parent}: {e.strerror or e}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise VdiskError(f"{path}: {parent} is not a directory")
+    if st.st_uid not in (os.getuid(), 0):
+        raise VdiskError(
+            f"{path}: directory {parent} belongs to uid {st.st_uid}; use a directory of your own"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise VdiskError(
+            f"{path}: directory {parent} is writable by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); use a private directory"
+        )
+
+
 async def bind_socket(path: str, backlog: int = 128) -> trio.socket.SocketType:
-    """A listening UNIX socket at `path`, mode 0600 from creation on."""
+    """A listening UNIX socket at `path`, mode 0600 from creation on, in a private dir."""
     if len(os.fsencode(path)) >= 108:
         raise VdiskError(f"{path}: socket path too long (at most 107 bytes)")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise VdiskError(f"{path}: directory {parent} does not exist")
+    check_socket_dir(path)
     _remove_stale_socket(path)
     sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     try:
@@ -123,6 +153,7 @@ class _Session:
         self.req_send, self.req_recv = trio.open_memory_channel[Request | InputError](
             config.pending_requests
         )
+        self.queued_bytes = 0  # in the outgoing queue, not yet written
         self.scope = trio.CancelScope()  # the whole connection
         self.inputs_scope = trio.CancelScope()  # reading, running commands, taking events
 
@@ -137,8 +168,12 @@ class _Session:
 
     def enqueue(self, data: bytes, done: trio.Event | None = None) -> bool:
         """Queue one message; a full queue drops the client. Never blocks."""
+        if self.queued_bytes and self.queued_bytes + len(data) > self.server.config.outgoing_bytes:
+            self.drop("outgoing queue full (client does not read)")
+            return False
         try:
             self.out_send.send_nowait((data, done))
+            self.queued_bytes += len(data)
             return True
         except trio.WouldBlock:
             self.drop("outgoing queue full (client does not read)")
@@ -221,6 +256,7 @@ class _Session:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.drop("connection lost")
                     return
+                self.queued_bytes -= len(data)
                 if done is not None:
                     done.set()
         # Inputs stopped (EOF, fatal input error, shutdown) and everything was written.
