@@ -33,6 +33,8 @@ log = logging.getLogger("vdisk.jobs")
 # each step blocks the event loop for longer as it grows (user 4 KiB I/O done meanwhile
 # drops from ~175 to ~57 ops at 1 ms spacing). 512 KiB keeps user I/O flowing.
 CHUNK = 512 << 10
+YIELD_PASSES = 2  # scheduler passes between chunks
+YIELD_MAX = 0.002  # seconds a chunk waits at most for in-flight user I/O
 MAX_WINDOW = 1 << 40  # largest status query while skipping
 ON_ERROR = ("report", "stop", "ignore")
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -227,8 +229,17 @@ class StreamJob:
             with trio.move_on_after(delay):
                 await self._wake.wait()
         self.status, self.busy = "running", True
-        await trio.lowlevel.checkpoint()  # let user I/O run between chunks
+        await self._yield_to_io()
         return not self.cancel_requested
+
+    async def _yield_to_io(self) -> None:
+        """Let user I/O run between chunks: while requests are in flight on the device,
+        step back (for at most YIELD_MAX seconds per chunk)."""
+        for _ in range(YIELD_PASSES):  # a request read meanwhile gets through its steps
+            await trio.lowlevel.checkpoint()
+        deadline = trio.current_time() + YIELD_MAX
+        while getattr(self.device, "io_busy", False) and trio.current_time() < deadline:
+            await trio.sleep(0.0002)
 
     async def _handle_error(self, exc: OSError) -> str:
         """Apply the on-error policy; returns 'retry', 'skip' or 'stop'."""

@@ -192,6 +192,11 @@ class BlockDevice:
         async with self._locks.hold(start, end):
             return await self._copy_up_locked(start, end, base)
 
+    @property
+    def io_busy(self) -> bool:
+        """True while a request holds or waits for a byte range (I/O in flight)."""
+        return self._locks.busy
+
     def chain(self) -> list[Image]:
         """The live chain, top first."""
         return list(iter_chain(self.top))
