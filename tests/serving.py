@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ class Served:
         return self.mount / drive_id
 
     def qmp(self, command: str, **args: Any) -> Any:
-        """Run one QMP command with qemu.qmp's legacy client; returns the raw answer."""
+        """Run one QMP command with qemu.qmp's legacy client; its return value."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         client = QEMUMonitorProtocol(str(self.qmp_path))
@@ -84,7 +85,11 @@ class Served:
         try:
             return client.cmd(command, **args)
         finally:
-            client.close()
+            try:
+                client.close()
+            except EOFError:  # the server closed first (expected after 'quit')
+                if command != "quit":
+                    raise
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """Wait for the daemon to exit by itself; its exit status."""
@@ -112,7 +117,7 @@ def start(
     qmp_path: Path | None = None,
     name: str = "serve",
 ) -> Served:
-    """Start `vdisk serve` and wait until its QMP socket exists (the mount is then live)."""
+    """Start `vdisk serve` and wait until its QMP socket accepts (the mount is then live)."""
     mount = mount or tmp_path / "mnt"
     qmp_path = qmp_path or tmp_path / "qmp.sock"
     log_path = tmp_path / f"{name}.log"
@@ -124,7 +129,7 @@ def start(
                                 stdin=subprocess.DEVNULL)
     srv = Served(proc, mount, qmp_path, log_path)
     deadline = time.monotonic() + START_TIMEOUT
-    while not qmp_path.exists():
+    while not _listening(qmp_path):
         if proc.poll() is not None:
             raise RuntimeError(f"vdisk serve exited with {proc.returncode}:\n{srv.stderr}")
         if time.monotonic() > deadline:
@@ -132,6 +137,18 @@ def start(
             raise RuntimeError(f"vdisk serve did not start:\n{srv.stderr}")
         time.sleep(0.02)
     return srv
+
+
+def _listening(path: Path) -> bool:
+    """True once a server accepts connections on the UNIX socket (a stale file refuses)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
 
 
 def cleanup(srv: Served) -> None:

@@ -57,8 +57,10 @@ def mounts_at(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[MountE
 
 
 def _is_dead(path: str) -> bool:
+    """A FUSE mount whose daemon died answers ENOTCONN (statfs always asks the daemon;
+    stat may be answered from the kernel's attribute cache)."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

@@ -1,0 +1,146 @@
+"""Over FUSE, each chain reads exactly as `qemu-img convert -O raw` gives it; copy-on-read
+(on by default) changes no content, and leaves every image `qemu-img check` clean."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+from chainutil import make_chain, need_qcow2, qemu_img, qemu_io, qemu_map, qemu_raw
+from serving import is_mounted, serving
+
+MiB = 1 << 20
+
+
+def build_variants(tmp: Path) -> dict[str, Path]:
+    """Tops of four chains: compressed base, 512 B clusters, short raw base, three layers."""
+    tops: dict[str, Path] = {}
+    # compressed clusters in the base (zlib), plain clusters over them
+    d = tmp / "comp"
+    d.mkdir()
+    qemu_img("create", "-f", "raw", d / "src.raw", "6M")
+    qemu_io(d / "src.raw", "write -P 0x61 0 1M", "write -P 0x62 2M 1536k",
+            "write -P 0x63 5M 7k", fmt="raw")
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", d / "src.raw", d / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "top.qcow2",
+             cwd=d)
+    qemu_io(d / "top.qcow2", "write -P 0x71 512k 100k", "write -z 2200k 64k")
+    tops["comp"] = d / "top.qcow2"
+    # 512-byte clusters under a 64 KiB-cluster top, unaligned writes in both
+    d = tmp / "c512"
+    d.mkdir()
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", d / "base.qcow2", "3M")
+    qemu_io(d / "base.qcow2", "write -P 0x81 1000 70000", "write -P 0x82 1M 3000",
+            "write -z 1025k 1k")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2",
+             "-F", "qcow2", d / "mid.qcow2", cwd=d)
+    qemu_io(d / "mid.qcow2", "write -P 0x83 60000 5000")
+    qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2",
+             cwd=d)
+    qemu_io(d / "top.qcow2", "write -P 0x84 2M 4097")
+    tops["c512"] = d / "top.qcow2"
+    # raw base shorter than the top; three layers with zero clusters (chainutil's chain)
+    d = tmp / "chain"
+    d.mkdir()
+    tops["chain"] = make_chain(d)["top"]
+    d = tmp / "rawbase"
+    d.mkdir()
+    qemu_img("create", "-f", "raw", d / "base.raw", "1M")
+    qemu_io(d / "base.raw", "write -P 0x91 4k 300k", fmt="raw")
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", d / "top.qcow2", "5M",
+             cwd=d)
+    qemu_io(d / "top.qcow2", "write -P 0x92 200k 8k")
+    tops["rawbase"] = d / "top.qcow2"
+    return tops
+
+
+def test_chains_read_as_qemu_img_convert(tmp_path: Path) -> None:
+    need_qcow2()
+    tops = build_variants(tmp_path)
+    expect = {name: qemu_raw(top, tmp_path) for name, top in tops.items()}
+    drives = [f"id={name},file={top}" for name, top in tops.items()]
+    with serving(tmp_path, *drives) as srv:
+        assert sorted(os.listdir(srv.mount)) == sorted(tops)
+        for name in tops:
+            path = srv.path(name)
+            assert path.stat().st_size == len(expect[name])
+            # an unaligned chunked read first (copy-on-read of partial spans), then all
+            with open(path, "rb", buffering=0) as f:
+                got = b"".join(iter(lambda f=f: f.read(777_777), b""))
+            assert got == expect[name], name
+            assert path.read_bytes() == expect[name], name
+        assert srv.stop() == 0
+    for name, top in tops.items():
+        qemu_img("check", top)
+        assert qemu_raw(top, tmp_path) == expect[name], name
+
+
+def _direct_read(path: Path, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    return bytes(buf[:n])
+
+
+def _depth0(top: Path) -> list[tuple[int, int]]:
+    """The ranges the top itself holds, adjacent runs merged."""
+    runs: list[tuple[int, int]] = []
+    for e in qemu_map_u(top):
+        if e["depth"] != 0:
+            continue
+        start, end = e["start"], e["start"] + e["length"]
+        if runs and runs[-1][1] == start:
+            start = runs.pop()[0]
+        runs.append((start, end))
+    return runs
+
+
+def qemu_map_u(top: Path) -> list[dict]:
+    import json
+
+    return json.loads(qemu_img("map", "-U", "--output=json", top))
+
+
+def test_copy_on_read_fills_top_and_off_leaves_it(tmp_path: Path) -> None:
+    need_qcow2()
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "8M")
+    qemu_io(base, "write -P 0x55 0 8M")
+    tops = []
+    for name in ("on", "off", "ro"):
+        top = tmp_path / f"{name}.qcow2"
+        qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, cwd=tmp_path)
+        tops.append(top)
+    on, off, ro = tops
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (off, ro)}
+    maps = {p: qemu_map(p) for p in (off, ro)}
+    drives = [f"id=on,file={on}", f"id=off,file={off},copy-on-read=off",
+              f"id=ro,file={ro},read-only=on"]
+    with serving(tmp_path, *drives) as srv:
+        # O_DIRECT: exactly this range reaches the daemon (no readahead)
+        assert _direct_read(srv.path("on"), 3 * MiB + 4096, 8192) == b"\x55" * 8192
+        assert _depth0(on) == [(3 * MiB, 3 * MiB + 65536)]  # the cluster-aligned span
+        assert srv.path("off").read_bytes() == b"\x55" * 8 * MiB
+        assert srv.path("ro").read_bytes() == b"\x55" * 8 * MiB
+        assert _depth0(off) == [] and _depth0(ro) == []
+        srv.path("on").read_bytes()
+        assert _depth0(on) == [(0, 8 * MiB)]
+        # a read-only drive refuses writes
+        try:
+            os.open(srv.path("ro"), os.O_RDWR)
+            raise AssertionError("read-only drive opened for writing")
+        except OSError as e:
+            assert e.errno in (30, 13)  # EROFS, EACCES
+        assert srv.stop() == 0
+    assert not is_mounted(tmp_path / "mnt")
+    for p in (off, ro):
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == digests[p]
+        assert qemu_map(p) == maps[p]
+    qemu_img("check", on)
+    assert _depth0(on) == [(0, 8 * MiB)]
+    assert all(e["data"] for e in qemu_map(on))
