@@ -2,8 +2,8 @@
 
 A schema maps parameter names to types; a leading '*' marks an optional parameter
 (QAPI style): {"device": "str", "*speed": "int", "*on-error": Enum("report", "stop")}.
-Types: "str", "int" (a JSON integer, not a bool or float), "bool", "number" (int or float,
-not bool), "list", "dict", "any", `Enum(*values)` (one of these strings) and `ListOf(type)`.
+Types: "str", "int" (a JSON integer in int64 range, as QAPI's int; not a bool or float),
+"bool", "number" (int or float, not bool), "list", "dict", "any", `Enum(*values)` (one of these strings) and `ListOf(type)`.
 Arguments are checked completely before the handler runs, so a refused command has no
 effect. Handlers are `async def handler(ctx: Context, args: dict) -> result` and raise
 QMPError to fail; a None result is answered as {}.
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from control.events import EventBus
 
 log = logging.getLogger(__name__)
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def check_value(name: str, value: Any, spec: TypeSpec) -> None:
             check_value(f"{name}[{i}]", item, spec.item)
     elif not _is_type(value, spec):
         raise generic(f"Parameter '{name}' expects {_TYPE_NAMES[spec]}")
+    elif spec == "int" and not INT64_MIN <= value <= INT64_MAX:
+        raise generic(f"Parameter '{name}' expects a 64-bit integer")
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,7 @@ SCHEMA = {
 }
 GOOD: dict[str, list[Any]] = {
     "s": ["", "x"],
-    "i": [0, -5, 2**64],
+    "i": [0, -5, 2**63 - 1, -(2**63)],
     "b": [True, False],
     "n": [0, 1.5, -2],
     "l": [[], [1, "x"]],
@@ -290,7 +290,8 @@ GOOD: dict[str, list[Any]] = {
 BAD: dict[str, list[tuple[Any, str]]] = {
     "s": [(1, "expects string"), (None, "expects string"), ([], "expects string")],
     "i": [(True, "expects integer"), (1.0, "expects integer"), ("1", "expects integer"),
-          (None, "expects integer")],
+          (None, "expects integer"), (2**63, "expects a 64-bit integer"),
+          (-(2**63) - 1, "expects a 64-bit integer")],
     "b": [(1, "expects boolean"), ("true", "expects boolean"), (None, "expects boolean")],
     "n": [(True, "expects number"), ("1", "expects number")],
     "l": [({}, "expects array"), ("x", "expects array")],
