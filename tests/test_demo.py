@@ -129,3 +129,17 @@ def test_demo_reports_a_failed_start_in_one_line(
     with pytest.raises(VdiskError, match="vdisk serve exited with status 1"):
         demo_mod.run_demo(io.StringIO())
     assert _leftovers(tmp_path) == []
+
+
+def test_scripts_run_passes_arguments_and_exit_status(tmp_path: Path) -> None:
+    """scripts/run sets up (idempotent), then runs vdisk with the arguments, from any folder."""
+    run = ROOT / "scripts" / "run"
+    ok = subprocess.run([str(run), "--version"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, stdin=subprocess.DEVNULL)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("vdisk ")
+    bad = subprocess.run([str(run), "info", str(tmp_path / "missing.qcow2")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("vdisk: ")
+    assert "Traceback" not in bad.stderr
