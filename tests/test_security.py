@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -339,3 +340,29 @@ def test_plain_backing_with_file_prefix_is_accepted(odd_files: Path) -> None:
     [res] = vdisk_all(odd_files, ["info", "--backing-chain", "--output=json", str(top)])
     assert res.returncode == 0, res.stderr
     assert [layer["format"] for layer in json.loads(res.stdout)] == ["qcow2", "raw"]
+
+
+# --- untrusted image contents ------------------------------------------------------------
+
+BOMB = """
+import resource, sys, zstandard
+from vdisk.qcow2.compress import decompress_cluster
+bomb = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(256 << 20))
+assert len(bomb) < 64 << 10  # fits in what one compressed 64 KiB cluster may occupy
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    out = decompress_cluster(1, bomb, 65536)
+except OSError:
+    pass  # refusing it is fine too
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="vdisk/qcow2/compress.py inflates zstd clusters without "
+                   "an output bound (reported to the qcow2 owner)")
+def test_zstd_cluster_cannot_inflate_past_the_cluster_size() -> None:
+    """A compressed cluster from an untrusted image must not cost more than a cluster."""
+    res = subprocess.run([sys.executable, "-c", BOMB], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) < 64, f"peak RSS grew by {res.stdout.strip()} MiB"
