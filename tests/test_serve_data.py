@@ -144,3 +144,71 @@ def test_copy_on_read_fills_top_and_off_leaves_it(tmp_path: Path) -> None:
     qemu_img("check", on)
     assert _depth0(on) == [(0, 8 * MiB)]
     assert all(e["data"] for e in qemu_map(on))
+
+
+def _fallocate(fd: int, mode: int, off: int, length: int) -> int:
+    """fallocate(2) with any mode; 0 or the errno."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return 0 if libc.fallocate(fd, mode, off, length) == 0 else ctypes.get_errno()
+
+
+def test_file_semantics(tmp_path: Path) -> None:
+    import errno
+    import stat
+
+    rw, ro = tmp_path / "rw.raw", tmp_path / "ro.raw"
+    for p in (rw, ro):
+        p.write_bytes(b"\x01" * (3 * MiB + 512))
+    with serving(tmp_path, f"id=rw,file={rw},format=raw",
+                 f"id=ro,file={ro},format=raw,read-only=on") as srv:
+        assert sorted(os.listdir(srv.mount)) == ["ro", "rw"]
+        st = srv.path("rw").stat()
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 3 * MiB + 512
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert not os.access(srv.path("nope"), os.F_OK)
+        fd = os.open(srv.path("rw"), os.O_RDWR)
+        try:
+            assert os.pread(fd, 100, 3 * MiB + 500) == b"\x01" * 12  # short read at the end
+            assert os.pread(fd, 100, 3 * MiB + 512) == b""
+            for off in (3 * MiB + 512, 3 * MiB + 100, 10 * MiB):  # never grows
+                try:
+                    os.pwrite(fd, b"x" * 1000, off)
+                    raise AssertionError("write past the end succeeded")
+                except OSError as e:
+                    assert e.errno in (errno.ENOSPC, errno.EFBIG)
+            os.ftruncate(fd, 3 * MiB + 512)  # same size: fine
+            for size in (MiB, 4 * MiB):
+                try:
+                    os.ftruncate(fd, size)
+                    raise AssertionError("truncate succeeded")
+                except OSError as e:
+                    assert e.errno in (errno.EPERM, errno.EINVAL)
+            assert _fallocate(fd, 0, 0, MiB) == 0  # allocation inside: a no-op
+            assert _fallocate(fd, 0, 0, 4 * MiB) in (errno.ENOSPC, errno.EFBIG)
+            assert _fallocate(fd, 0x03, 4096, 8192) == 0  # PUNCH_HOLE|KEEP_SIZE
+            assert _fallocate(fd, 0x10, 65536, 100) == 0  # ZERO_RANGE
+            assert _fallocate(fd, 0x08, 0, 65536) == errno.EOPNOTSUPP  # COLLAPSE_RANGE
+            os.fsync(fd)
+            assert os.pread(fd, 12288, 0) == b"\x01" * 4096 + bytes(8192)
+            assert os.pread(fd, 200, 65536 - 50) == b"\x01" * 50 + bytes(100) + b"\x01" * 50
+        finally:
+            os.close(fd)
+        assert os.stat(srv.path("rw")).st_size == 3 * MiB + 512
+        for flags in (os.O_RDWR, os.O_WRONLY):
+            try:
+                os.close(os.open(srv.path("ro"), flags))
+                raise AssertionError("read-only drive opened for writing")
+            except OSError as e:
+                assert e.errno in (errno.EROFS, errno.EACCES)
+        try:
+            (srv.mount / "new").write_bytes(b"x")
+            raise AssertionError("created a file")
+        except OSError as e:
+            assert e.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
+        assert srv.stop() == 0
+    data = rw.read_bytes()
+    assert data[:12288] == b"\x01" * 4096 + bytes(8192) and len(data) == 3 * MiB + 512
+    assert ro.read_bytes() == b"\x01" * (3 * MiB + 512)
