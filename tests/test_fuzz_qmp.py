@@ -590,6 +590,9 @@ def test_zz_no_leak_then_clean_quit(daemon: Fuzzed) -> None:
     daemon.alive()
     pid = daemon.srv.pid
     rss = proc_status(pid, "VmRSS")
+    rtts = daemon.canary.rtts
+    print(f"canary: {len(rtts)} round trips, max {max(rtts) * 1000:.1f} ms; "
+          f"RSS {daemon.rss0 >> 20} -> {rss >> 20} MiB")
     assert rss - daemon.rss0 < RSS_SLACK, f"RSS {daemon.rss0 >> 20} -> {rss >> 20} MiB"
     assert open_fds(pid) == daemon.fds0, os.listdir(f"/proc/{pid}/fd")
     assert c_quit(daemon.path) == {"return": {}}
