@@ -102,17 +102,20 @@ class QemuHolder:
     """`qemu-io` kept running interactively, holding an image (and its chain) open."""
 
     def __init__(self, path: str | os.PathLike[str], fmt: str, *, read_only: bool = False):
-        import time
-
         args = ["qemu-io", "-f", fmt] + (["-r"] if read_only else []) + [str(path)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not locked_bytes(path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"qemu-io did not lock {path}")
-            time.sleep(0.02)
+        # qemu-io answers commands only once the image is open, with all its locks taken
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write("length\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except OSError:
+            answer = ""
+        if "iB" not in answer or not locked_bytes(path):
+            self.close()
+            raise AssertionError(f"qemu-io did not open {path}: {answer!r}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
