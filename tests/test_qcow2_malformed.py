@@ -152,3 +152,52 @@ def test_runtime_bad_l2_offset_is_eio(tmp_path: Path) -> None:
         with pytest.raises(OSError) as ei:
             img.read(0, 10)
         assert ei.value.errno == errno.EIO
+
+
+def test_fuzzed_headers_fail_cleanly(tmp_path: Path) -> None:
+    """Random byte damage: open raises ImageError or works; I/O raises OSError or works;
+    check_qcow2 raises ImageError or reports; never another exception."""
+    import random
+
+    from vdisk.qcow2 import check_qcow2
+
+    src_path = _make(tmp_path)
+    qemu_io(src_path, "write -z 1M 64k", "write -P 4 3M 100k")
+    qemu_img("snapshot", "-c", "s", str(src_path))
+    src = src_path.read_bytes()
+    rnd = random.Random(99)
+    p = tmp_path / "fz.qcow2"
+    for i in range(250):
+        b = bytearray(src)
+        for _ in range(rnd.randrange(1, 4)):
+            pos = rnd.randrange(0, 112) if rnd.random() < 0.5 else rnd.randrange(0, len(b))
+            b[pos] = rnd.randrange(256)
+        p.write_bytes(b)
+        ro = i % 2 == 0
+        try:
+            img = open_qcow2(str(p), read_only=ro)
+        except ImageError:
+            continue
+        try:
+            size = img.virtual_size
+            for off in range(0, min(size, 8 << 20), 1 << 20):
+                try:
+                    img.read(off, min(1 << 20, size - off))
+                except OSError:
+                    pass
+            if not ro and size > 70000:
+                try:
+                    img.write(rnd.randrange(0, size - 70000), b"z" * 70000)
+                    img.write_zeroes(0, min(size, 1 << 20), unmap=True)
+                    img.flush()
+                except OSError:
+                    pass
+        finally:
+            try:
+                img.close()
+            except OSError:
+                pass
+        try:
+            check_qcow2(str(p))
+        except ImageError:
+            pass

@@ -129,6 +129,10 @@ class _Checker:
         if ext is None or not self.h.autoclear & AUTOCLEAR_BITMAPS or len(ext) < 24:
             return
         nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext, 0)
+        if dir_off % self.cs or dir_off + dir_size > self.f.size or dir_size > 64 << 20:
+            self.msg("ERROR bitmap directory lies outside the image")
+            self.res.corruptions += 1
+            return
         self.inc(dir_off, dir_size)
         d = self.f.pread(dir_size, dir_off)
         pos = 0
@@ -138,6 +142,10 @@ class _Checker:
             t_off, t_size, _flags, _typ, _gran, name_len, extra_len = struct.unpack_from(
                 ">QIIBBHI", d, pos)
             pos = (pos + 24 + extra_len + name_len + 7) & ~7
+            if t_off % self.cs or t_off + t_size * 8 > self.f.size:
+                self.msg("ERROR bitmap table lies outside the image")
+                self.res.corruptions += 1
+                continue
             self.inc(t_off, t_size * 8)
             for e in self.table(t_off, t_size):
                 if e & OFFSET_MASK:
@@ -171,38 +179,45 @@ class _Checker:
         self.bitmaps()
         self.refcount_structures(rc)
 
+    def _fix(self, rc: Refcounts, c: int, s: int, r: int, fix_leaks: bool,
+             fix_all: bool) -> None:
+        leak = s > r
+        if fix_leaks if leak else fix_all:
+            self.msg(f"Repairing cluster {c} refcount={s} reference={r}")
+            rc.change(c, 1, r - s)
+            if leak:
+                self.res.leaks_fixed += 1
+            else:
+                self.res.corruptions_fixed += 1
+        elif leak:
+            self.msg(f"Leaked cluster {c} refcount={s} reference={r}")
+            self.res.leaks += 1
+        else:
+            self.msg(f"ERROR cluster {c} refcount={s} reference={r}")
+            self.res.corruptions += 1
+
     def compare(self, rc: Refcounts, fix_leaks: bool, fix_all: bool) -> None:
-        n = max([self.nb] + [c + 1 for c in self.extra])
+        n = self.nb
         per = rc.per_block
-        self.res.total_clusters = n
+        self.res.total_clusters = n + len(self.extra)
         for b in range(-(-n // per)):
             lo, hi = b * per, min(n, (b + 1) * per)
             blk = rc.block(b) if b < len(rc.table) and rc.table[b] & OFFSET_MASK else None
             stored = decode_block(blk, rc.w)[: hi - lo] if blk is not None else [0] * (hi - lo)
-            refs = self.refs[lo:min(hi, self.nb)].tolist() + [
-                self.extra.get(c, 0) for c in range(max(lo, self.nb), hi)]
+            refs = self.refs[lo:hi].tolist()
             self.res.allocated_clusters += sum(1 for v in stored if v)
             if stored == refs:
                 continue
             for k, (s, r) in enumerate(zip(stored, refs, strict=True)):
-                if s == r:
-                    continue
-                c = lo + k
-                leak = s > r
-                fix = fix_leaks if leak else fix_all
-                if fix:
-                    self.msg(f"Repairing cluster {c} refcount={s} reference={r}")
-                    rc.change(c, 1, r - s)
-                    if leak:
-                        self.res.leaks_fixed += 1
-                    else:
-                        self.res.corruptions_fixed += 1
-                elif leak:
-                    self.msg(f"Leaked cluster {c} refcount={s} reference={r}")
-                    self.res.leaks += 1
-                else:
-                    self.msg(f"ERROR cluster {c} refcount={s} reference={r}")
-                    self.res.corruptions += 1
+                if s != r:
+                    self._fix(rc, lo + k, s, r, fix_leaks, fix_all)
+        for c in sorted(self.extra):  # referenced clusters past the end of the file
+            try:
+                s = rc.get(c)
+            except OSError:
+                s = 0
+            if s != self.extra[c]:
+                self._fix(rc, c, s, self.extra[c], False, False)
 
     def oflag_copied(self, rc: Refcounts, fix: bool) -> None:
         h = self.h
