@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -201,3 +202,32 @@ def test_fuzzed_headers_fail_cleanly(tmp_path: Path) -> None:
             check_qcow2(str(p))
         except ImageError:
             pass
+
+
+def test_locks_and_force_share(tmp_path: Path) -> None:
+    from test_qcow2_util import run
+
+    from vdisk.errors import LockError
+
+    p = _make(tmp_path)
+    with open_qcow2(str(p), read_only=False) as img:
+        img.write(0, b"abc")
+        with pytest.raises(LockError):
+            open_qcow2(str(p), read_only=True)
+        res = run("qemu-io", "-f", "qcow2", "-c", "read 0 512", str(p), check=False)
+        assert res.returncode != 0 and "lock" in (res.stderr + res.stdout).lower()
+        with open_qcow2(str(p), read_only=True, force_share=True) as peek:
+            assert peek.read(3, 10) == b"\x07" * 10
+        with pytest.raises(ImageError, match="force-share"):
+            open_qcow2(str(p), read_only=False, force_share=True)
+    with open_qcow2(str(p), read_only=True) as a, open_qcow2(str(p), read_only=True) as b:
+        assert a.read(0, 3) == b.read(0, 3) == b"abc"
+
+
+def test_not_regular_files(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="directory"):
+        open_qcow2(str(tmp_path), read_only=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        open_qcow2(str(fifo), read_only=True)

@@ -31,6 +31,7 @@ from typing import Any
 
 from vdisk.errors import ReadOnlyError
 from vdisk.image import Extent, Image, Status
+from vdisk.locking import unlock_image
 from vdisk.qcow2.cache import LRUCache
 from vdisk.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
 from vdisk.qcow2.fileio import ImageFile
@@ -634,7 +635,5 @@ class Qcow2Image(Image):
                 self.f.sync()
         finally:
             self._closed = True
-            from vdisk.locking import unlock_image
-
             unlock_image(self.f.fd)
             os.close(self.f.fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
 from vdisk.locking import lock_image, perms_for, unlock_image
@@ -48,22 +49,43 @@ def check_policy(path: str, h: Header, read_only: bool) -> None:
                                           "repairs it")
 
 
-def open_qcow2(path: str, *, read_only: bool) -> Qcow2Image:
-    """Open a qcow2 file; the backing file is not opened (set img.backing afterwards)."""
-    path = os.path.abspath(path)
-    try:
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+def _open_fd(path: str, read_only: bool) -> int:
+    try:  # O_NONBLOCK: a FIFO must not hang the open
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+                     | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image file") from None
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ImageError(path, f"is {what}, not an image file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_qcow2(path: str, *, read_only: bool, force_share: bool = False) -> Qcow2Image:
+    """Open a qcow2 file; the backing file is not opened (set img.backing afterwards).
+
+    Takes QEMU's locks, unless force_share (read-only only, like qemu-img -U).
+    """
+    path = os.path.abspath(path)
+    if force_share and not read_only:
+        raise ImageError(path, "force-share is only allowed for read-only opens")
+    fd = _open_fd(path, read_only)
     try:
-        held, unshared = perms_for(writable=not read_only, metadata=True)
-        lock_image(fd, path, held, unshared)
+        if not force_share:
+            held, unshared = perms_for(writable=not read_only, metadata=True)
+            lock_image(fd, path, held, unshared)
         try:
             h = read_header(path, fd)
             check_policy(path, h, read_only)
             return Qcow2Image(path, fd, h, read_only)
         except BaseException:
-            unlock_image(fd)
+            if not force_share:
+                unlock_image(fd)
             raise
     except OSError as e:
         os.close(fd)
