@@ -32,13 +32,16 @@ CONFIGS = [
     (8192, "1.1", 2, False, "raw", 8 << 20),
     (32768, "1.1", 4, True, None, 8 << 20),
     (1024, "1.1", 32, False, "qcow2", 4 << 20),
+    (65536, "1.1", 16, False, "raw", (8 << 20) + 1536),  # virtual end inside a cluster
+    (65536, "0.10", 16, False, None, (8 << 20) + 512),
+    (65536, "1.1", 16, True, "qcow2", (4 << 20) + 2560),
     (4096, "0.10", 16, False, None, 8 << 20),
 ]
 
 
 def _make_base(tmp: Path, fmt: str, size: int, seed: int) -> tuple[Path, bytes]:
     rnd = random.Random(seed)
-    bsize = size - size // 8  # shorter than the top: zeroes past its end
+    bsize = (size - size // 8) // 512 * 512  # shorter than the top: zeroes past its end
     base = tmp / f"base.{fmt}"
     qemu_img("create", "-f", fmt, str(base), str(bsize))
     cmds = []
@@ -80,6 +83,8 @@ def test_model(tmp_path: Path, cfg: tuple, seed: int) -> None:
                 off = off // cs * cs
                 n = max(cs, n // cs * cs)
                 n = min(n, size - off)
+            elif rnd.random() < 0.07:  # up to the virtual end
+                off = size - n
             if r < 0.6:
                 data = rnd.randbytes(n)
                 img.write(off, data)
