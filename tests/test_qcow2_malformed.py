@@ -231,3 +231,25 @@ def test_not_regular_files(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="not a regular file"):
         open_qcow2(str(fifo), read_only=True)
+
+
+def test_runtime_bad_entries_refuse_writes(tmp_path: Path) -> None:
+    p = _make(tmp_path)
+    with open(p, "rb") as fh:
+        fh.seek(40)
+        l1_off = struct.unpack(">Q", fh.read(8))[0]
+        fh.seek(l1_off)
+        l2_off = struct.unpack(">Q", fh.read(8))[0] & 0x00FFFFFFFFFFFE00
+    with open(p, "r+b") as fh:
+        fh.seek(l2_off + 8)
+        fh.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    size = p.stat().st_size
+    with open_qcow2(str(p), read_only=False) as img:
+        for op in (lambda: img.write(65536 + 100, b"x" * 10),
+                   lambda: img.write(65536, b"x" * 65536),
+                   lambda: img.write_zeroes(65536, 65536, unmap=True)):
+            with pytest.raises(OSError) as ei:
+                op()
+            assert ei.value.errno == errno.EIO
+        img.write(0, b"fine")
+    assert p.stat().st_size < size + (1 << 20)  # nothing written out at the bogus offset

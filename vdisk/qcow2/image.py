@@ -432,9 +432,20 @@ class Qcow2Image(Image):
             self._write_chunk(a, mv[a - offset:b - offset])
 
     def _entry(self, l2: array[int], idx: int) -> tuple[int, int]:
+        """(entry, bitmap) of L2 index idx, refusing entries that point outside the file."""
         if self.extended_l2:
-            return l2[idx * 2], l2[idx * 2 + 1]
-        return l2[idx], 0
+            e, bm = l2[idx * 2], l2[idx * 2 + 1]
+        else:
+            e, bm = l2[idx], 0
+        if e & COMPRESSED:
+            host = compressed_range(e, self.cluster_bits)[0]
+            if host >= self.f.size:
+                raise self.f.eio(f"compressed cluster at 0x{host:x} lies beyond the end of file")
+        else:
+            off = e & OFFSET_MASK
+            if off and (off & (self.cluster_size - 1) or off >= self.f.size):
+                raise self.f.eio(f"L2 entry 0x{e:x} points outside the file or is misaligned")
+        return e, bm
 
     def _write_chunk(self, offset: int, data: memoryview) -> None:
         cb, cs = self.cluster_bits, self.cluster_size
