@@ -186,3 +186,32 @@ def test_unknown_compat_and_autoclear_bits(tmp_path: Path) -> None:
 
     assert_clean(img)
     assert convert_raw(img, tmp_path)[:10] == want[:5] + b"hello"
+
+
+def test_layer_status_runs(tmp_path: Path) -> None:
+    from vdisk.qcow2 import create_qcow2
+
+    p = tmp_path / "s.qcow2"
+    create_qcow2(str(p), 4 << 20, cluster_size=512)  # one L2 table per 32 KiB
+    with open_qcow2(str(p), read_only=False) as img:
+        img.write(0, b"d" * (1 << 20))
+        # 9 whole clusters (unallocated without a backing file: already zero, left alone)
+        # and a partial one (written as zero data)
+        img.write_zeroes(1 << 20, 5000, unmap=False)
+        img.write_zeroes(2 << 20, 1 << 20, unmap=True)  # nothing allocated there either
+        img.write_zeroes(4096, 8192, unmap=True)  # whole clusters inside data: ZERO
+        e = img.layer_status(16384, 1 << 20)  # 32 L2 tables of DATA: answered in pieces
+        assert e.status is Status.DATA and 0 < e.length <= 9 * 32768
+        seen: list[list] = []
+        pos = 0
+        while pos < 4 << 20:
+            e = img.layer_status(pos, (4 << 20) - pos)
+            assert e.offset == pos and e.length > 0
+            if seen and seen[-1][1] is e.status:
+                seen[-1][0] += e.length
+            else:
+                seen.append([e.length, e.status])
+            pos += e.length
+    assert seen == [[4096, Status.DATA], [8192, Status.ZERO], [(1 << 20) - 12288, Status.DATA],
+                    [4608, Status.UNALLOCATED], [512, Status.DATA],
+                    [(3 << 20) - 5120, Status.UNALLOCATED]]
