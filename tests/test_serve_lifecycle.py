@@ -133,6 +133,8 @@ def test_startup_errors(tmp_path: Path) -> None:
     assert "copy-on-read" in serve(f"id=d0,file={top},copy-on-read=maybe")
     # two drives with one image: the second open finds the first's lock
     assert str(top) in serve(f"id=a,file={top}", f"id=b,file={top}")
+    inside = ["--mount", str(mnt), "--qmp", str(mnt / "q.sock"), "--drive", f"id=d0,file={top}"]
+    assert "mount point" in _one_line(run_serve(tmp_path, inside), mnt, mnt / "q.sock")
     # unknown option: argparse's message names it (usage line allowed), no traceback
     err = _errors_ok(run_serve(tmp_path, [*common, "--drive", f"id=d0,file={top}",
                                           "--bogus"]), mnt, sock)

@@ -34,13 +34,14 @@ from vdisk.chain import close_chain, open_chain
 from vdisk.device import BlockDevice
 from vdisk.errors import VdiskError
 from vdisk.fusefs import DriveFS, mount_options
-from vdisk.mounts import prepare_mountpoint
+from vdisk.mounts import prepare_mountpoint, set_readahead
 
 log = logging.getLogger("vdisk")
 
 FUSE_MIN_TASKS = 4
 FUSE_MAX_TASKS = 32
 MOUNT_TIMEOUT = 10.0
+READAHEAD_KIB = 1024  # kernel readahead for the mount (FUSE's default is 128 KiB)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _single(exc: BaseException) -> BaseException:
 class Daemon:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.mount = os.path.abspath(config.mount)
+        self.mount = os.path.realpath(config.mount)  # resolved now: never stat it once mounted
         self.qmp_path = os.path.abspath(config.qmp)
         self._drives: dict[str, Drive] = {}
         self.events = EventBus()
@@ -217,6 +218,9 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until asked to stop; raise VdiskError/OSError for start-up problems."""
+        qmp_dir = os.path.realpath(os.path.dirname(self.qmp_path))
+        if os.path.commonpath([qmp_dir, self.mount]) == self.mount:
+            raise VdiskError(f"{self.qmp_path}: the QMP socket cannot be inside the mount point")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
             prepare_mountpoint(self.mount)
             self._open_drives()
@@ -235,6 +239,7 @@ class Daemon:
                         root.start_soon(self._signals, receiver)
                         await root.start(self._fuse)
                         await self._wait_mounted()
+                        await trio.to_thread.run_sync(set_readahead, self.mount, READAHEAD_KIB)
                         await root.start(self._background)
                         await root.start(self._qmp)
                         log.info(

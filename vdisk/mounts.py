@@ -20,6 +20,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    dev: str = ""  # "major:minor"
 
 
 def _unescape(field: str) -> str:
@@ -36,9 +37,13 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mounts_at(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    """Every mount whose mount point is path (the last one is on top)."""
-    target = os.path.realpath(path)
+def mounts_at(
+    path: str, mountinfo: str = "/proc/self/mountinfo", *, resolve: bool = True
+) -> list[MountEntry]:
+    """Every mount whose mount point is path (the last one is on top). resolve=False for an
+    already resolved path: resolving stats the mount point, which a FUSE daemon must never
+    do to its own mount from its serving thread."""
+    target = os.path.realpath(path) if resolve else path
     found = []
     try:
         with open(mountinfo) as f:
@@ -52,7 +57,7 @@ def mounts_at(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[MountE
             continue
         rest = right.split()
         if _unescape(fields[4]) == target and len(rest) >= 2:
-            found.append(MountEntry(target, rest[0], _unescape(rest[1])))
+            found.append(MountEntry(target, rest[0], _unescape(rest[1]), fields[2]))
     return found
 
 
@@ -107,3 +112,19 @@ def prepare_mountpoint(path: str) -> None:
             raise VdiskError(f"{path}: busy (directory is not empty)")
     except OSError as e:
         raise VdiskError(f"{path}: cannot read mount point: {e.strerror}") from None
+
+
+def set_readahead(path: str, kib: int) -> bool:
+    """Best effort: raise the kernel readahead of the file system mounted at path (a
+    resolved path; FUSE starts at 128 KiB). Reads mountinfo and sysfs only, never the
+    file system itself."""
+    entries = mounts_at(path, resolve=False)
+    if not entries or not entries[-1].dev:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{entries[-1].dev}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.debug("%s: cannot set readahead: %s", path, e)
+        return False
+    return True
