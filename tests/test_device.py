@@ -236,3 +236,19 @@ async def test_rangelock_whole_waits_for_all_and_blocks_later() -> None:
         await trio.sleep(0.01)
         n.start_soon(hold, "later", False, 0.0)  # arrives after the whole-device request
     assert order == ["first", "all", "later"]
+
+
+async def test_copy_on_read_failure_still_serves_the_read() -> None:
+    top, _, _ = chain3()
+    expect = top.read(0, top.virtual_size)
+
+    def full(offset: int, data: bytes | memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    top.write = full  # type: ignore[method-assign]
+    dev = BlockDevice("d0", top, copy_on_read=True, read_only=False)
+    assert await dev.read(8 * CS, 4 * CS) == expect[8 * CS : 12 * CS]
+    assert top.clusters == {}
+    with pytest.raises(OSError) as e:
+        await dev.write(0, b"x")
+    assert e.value.errno == errno.ENOSPC

@@ -60,6 +60,7 @@ class BlockDevice:
         self._limiter = trio.CapacityLimiter(1)
         self._engine_threads = engine_threads
         self._closed = False
+        self._cor_errors: set[int | None] = set()  # errnos already reported
 
     # -- engine access ---------------------------------------------------------------
 
@@ -138,6 +139,12 @@ class BlockDevice:
             off += run
         return copied
 
+    def _copy_on_read_failed(self, e: OSError) -> None:
+        if e.errno not in self._cor_errors:
+            self._cor_errors.add(e.errno)
+            log.warning("%s: copy-on-read failed (%s); serving reads from the backing chain",
+                        self.drive_id, e)
+
     # -- public API -----------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -154,7 +161,10 @@ class BlockDevice:
             if ext.status is Status.UNALLOCATED or ext.length < length:
                 start, end = self._span(offset, length)
                 async with self._locks.hold(start, end):
-                    await self._copy_up_locked(start, end, None)
+                    try:
+                        await self._copy_up_locked(start, end, None)
+                    except OSError as e:  # the read itself can still be served
+                        self._copy_on_read_failed(e)
                     return await self._inline(self.top.read, offset, length)
         return await self._inline(top.read, offset, length)
 
