@@ -50,7 +50,7 @@ def test_speed_limit_and_set_speed(tmp_path: Path) -> None:
         assert "error" not in ev["data"] and ev["data"]["speed"] == 4 * MiB
         assert 1.2 <= elapsed < 10, elapsed  # 8 MiB at 4 MiB/s: about 2 s
 
-        assert q.ok("block_stream", device="b") == {}
+        assert q.ok("block-stream", device="b", speed=MiB) == {}
         assert q.ok("block_job_set_speed", device="b", value=512 * 1024) == {}  # 32 s to go
         time.sleep(0.8)
         job = q.job("b")
@@ -210,11 +210,11 @@ def vdisk(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess
 
 
 def test_cli_jobs(tmp_path: Path) -> None:
-    top = chain(tmp_path, data_mib=6)
+    top = chain(tmp_path, data_mib=8)
     with serving(tmp_path, spec(top)) as srv, qmp_session(srv.qmp_path) as q:
         out = vdisk("jobs", srv.qmp_path)
         assert out.returncode == 0 and "no active block jobs" in out.stdout
-        q.ok("block-stream", device="d0", speed=4 * MiB)
+        q.ok("block-stream", device="d0", speed=2 * MiB)
         out = vdisk("jobs", srv.qmp_path)
         assert out.returncode == 0 and out.stdout.startswith("d0: stream "), out.stdout
         out = vdisk("jobs", srv.qmp_path, "--watch")

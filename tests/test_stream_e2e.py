@@ -37,10 +37,9 @@ def test_full_stream_three_layers(tmp_path: Path) -> None:
     with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
         view = srv.path("d0")
         assert sha(view) == want
-        assert q.ok("block_stream", device="d0") == {}
+        assert q.ok("block-stream", device="d0", speed=12 * MiB) == {}
         jobs = q.jobs()
         assert len(jobs) == 1 and jobs[0]["type"] == "stream" and jobs[0]["device"] == "d0"
-        assert q.ok("block_job_set_speed", device="d0", value=16 * MiB) == {}
         hashes = 0
         while q.jobs():
             assert sha(view) == want  # the view never changes because of the job
