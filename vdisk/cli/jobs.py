@@ -50,9 +50,10 @@ async def _run(args: argparse.Namespace) -> int:
     client = await QMPClient.connect(args.socket)
     try:
         jobs = await client.execute("query-block-jobs")
+        if not jobs:
+            print("no active block jobs")
+            return 0
         if not args.watch:
-            if not jobs:
-                print("no active block jobs")
             for job in jobs:
                 print(describe(job))
             return 0
