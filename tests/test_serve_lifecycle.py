@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chainutil import QemuHolder, locked_bytes, need_qcow2, qemu_img, qemu_io
+from chainutil import QemuHolder, locked_bytes, need_qcow2, qemu_img, qemu_io, run
 from serving import force_unmount, is_mounted, run_serve, serving, start
 
 MiB = 1 << 20
@@ -77,7 +77,8 @@ def test_kill9_then_restart_clears_stale_mount(tmp_path: Path) -> None:
             assert srv2.path("d0").stat().st_size == 4 * MiB
             assert srv2.stop() == 0
         assert not is_mounted(mnt)
-        qemu_img("check", top)
+        # a crash may leak clusters (exit 3), never corrupt (exit 2)
+        assert run("qemu-img", "check", top, check=False).returncode in (0, 3)
     finally:
         if srv.proc.poll() is None:
             srv.kill()

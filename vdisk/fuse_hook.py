@@ -134,8 +134,12 @@ def install() -> bool:
     """Patch pyfuse3 once (before pyfuse3.init); False if that is not possible here."""
     if _State.installed:
         return True
+    import pyfuse3
+
+    if hasattr(pyfuse3.Operations, "fallocate"):
+        log.warning("pyfuse3 %s has its own fallocate: not patching it", pyfuse3.__version__)
+        return False
     try:
-        import pyfuse3
 
         so_path = pyfuse3.__file__
         assert so_path is not None
