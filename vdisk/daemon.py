@@ -41,6 +41,7 @@ log = logging.getLogger("vdisk")
 FUSE_MIN_TASKS = 4
 FUSE_MAX_TASKS = 32
 MOUNT_TIMEOUT = 10.0
+STOP_HOOK_TIMEOUT = 30.0
 READAHEAD_KIB = 1024  # kernel readahead for the mount (FUSE's default is 128 KiB)
 
 
@@ -262,12 +263,15 @@ class Daemon:
     async def _stop(self) -> None:
         log.info("stopping: %s", self._quit_reason)
         self.events.emit("SHUTDOWN", {"guest": False, "reason": self._quit_reason})
-        for hook in self.stop_hooks:
+        for hook in self.stop_hooks:  # e.g. cancel block jobs, which emit their events
             try:
-                await hook()
+                with trio.move_on_after(STOP_HOOK_TIMEOUT) as scope:
+                    await hook()
+                if scope.cancelled_caught:
+                    log.error("stop hook %s timed out", getattr(hook, "__qualname__", hook))
             except Exception:
                 log.exception("stop hook failed")
-        self._jobs_scope.cancel()
+        self._jobs_scope.cancel()  # whatever is left in the background
         await self._jobs_done.wait()
         pyfuse3.terminate()  # in-flight requests finish, no new ones are read
         await self._fuse_done.wait()
