@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ CHUNK = 512 << 10
 YIELD_PASSES = 2  # scheduler passes between chunks
 YIELD_MAX = 0.002  # seconds a chunk waits at most for in-flight user I/O
 MAX_WINDOW = 1 << 40  # largest status query while skipping
+JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 ON_ERROR = ("report", "stop", "ignore")
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -389,6 +391,8 @@ class JobManager:
         backing_file: str | None = None,
     ) -> StreamJob:
         """Check everything, then start the job in the background and return it."""
+        if job_id is not None and not JOB_ID.fullmatch(job_id):
+            raise QMPError("GenericError", f"Invalid job ID '{job_id}'")
         job_id = job_id if job_id is not None else drive
         if self.job_on_drive(drive) is not None:
             raise QMPError("DeviceInUse", f"Device '{drive}' is in use")

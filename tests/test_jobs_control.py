@@ -152,6 +152,8 @@ def test_error_classes_and_commands(tmp_path: Path) -> None:
             "GenericError", "Parameter 'speed' expects a non-negative value")
         assert q.err("block-stream", device="d0", **{"on-error": "bogus"})[0] == "GenericError"
         assert q.err("block_stream", device="d0", speed=5)[0] == "GenericError"  # no such arg
+        assert q.err("block-stream", device="d0", **{"job-id": "1 bad"}) == (
+            "GenericError", "Invalid job ID '1 bad'")
         for cmd, args in [("block_job_set_speed", {"value": 1}),
                           ("block-job-set-speed", {"speed": 1}),
                           ("block_job_cancel", {}), ("block-job-cancel", {}),
