@@ -40,7 +40,7 @@ def _write_unflushed(path: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "sigint", "qmp-quit"])
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "qmp-quit", "unmount"])
 def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
     need_qcow2()
     base, top = _image(tmp_path)
@@ -49,6 +49,9 @@ def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
         assert locked_bytes(top)
         if how == "qmp-quit":
             assert srv.qmp("quit") == {}
+            assert srv.wait() == 0
+        elif how == "unmount":  # someone unmounts the file system under the daemon
+            subprocess.run(["fusermount3", "-u", str(srv.mount)], check=True)
             assert srv.wait() == 0
         else:
             assert srv.stop(signal.SIGTERM if how == "sigterm" else signal.SIGINT) == 0
