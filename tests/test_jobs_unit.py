@@ -287,3 +287,47 @@ async def test_zero_runs_copied_only_when_a_base_stays() -> None:
     assert seen == [] and events == ["BLOCK_JOB_COMPLETED"] and dev.new_backing is None
     await StreamJob("j", dev, base=dev.base, status_fn=status).run()
     assert sum(n for _, n in seen) == 4 * MiB and dev.new_backing is dev.base
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_control_sequences(seed: int, autojump_clock: trio.abc.Clock) -> None:
+    """Random pause/resume/set-speed/cancel: one final event, offset never goes back and
+    stays put while paused, and the outcome matches the event."""
+    import random
+
+    rng = random.Random(seed)
+    held = {rng.randrange(256) for _ in range(120)}
+    dev = FakeDevice(16 * MiB, held=held)
+    events: list = []
+    job = make_job(dev, events, speed=rng.choice([0, MiB, 4 * MiB]))
+    async with trio.open_nursery() as n:
+        n.start_soon(job.run)
+        last = 0
+        while not job.done.is_set():
+            await trio.sleep(rng.uniform(0, 0.5))
+            assert job.offset >= last
+            last = job.offset
+            if job.status == "paused":
+                await trio.sleep(0.2)
+                assert job.offset == last
+            op = rng.choice(["pause", "resume", "speed", "speed", "cancel", "none", "none"])
+            try:
+                if op == "pause":
+                    job.pause()
+                elif op == "resume":
+                    job.resume()
+                elif op == "speed":
+                    job.set_speed(rng.choice([0, 512 * 1024, 2 * MiB]))
+                elif op == "cancel" and rng.random() < 0.3:
+                    job.cancel()
+            except QMPError as e:
+                assert e.cls in ("GenericError", "DeviceInUse")
+            if job.paused and rng.random() < 0.5:
+                job.resume()
+    finals = [e for e in events if e[0] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]
+    assert len(finals) == 1 and events[-1] is finals[0]
+    name, data = finals[0]
+    if name == "BLOCK_JOB_COMPLETED":
+        assert data["offset"] == data["len"] and dev.top_has >= held and dev.new_backing is None
+    else:
+        assert job.cancel_requested and dev.new_backing == "unchanged"
