@@ -164,3 +164,26 @@ def wait_until(pred: Any, timeout: float = 30.0, step: float = 0.05) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(step)
+
+
+def pipelined(sock: Path, *commands: dict[str, Any]) -> list[dict[str, Any]]:
+    """Negotiate, then send commands in one write; their answers, in order."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        f = s.makefile("rwb")
+
+        def answer() -> dict[str, Any]:
+            while True:
+                msg = json.loads(f.readline())
+                if "event" not in msg:
+                    return msg  # type: ignore[no-any-return]
+
+        answer()  # greeting
+        f.write(b'{"execute": "qmp_capabilities"}\r\n')
+        f.flush()
+        answer()
+        f.write(b"".join(json.dumps(c).encode() + b"\r\n" for c in commands))
+        f.flush()
+        return [answer() for _ in commands]

@@ -14,6 +14,7 @@ from streamkit import (
     check_clean,
     create,
     info,
+    pipelined,
     qemu_io,
     qmp_session,
     run,
@@ -169,6 +170,19 @@ def test_error_classes_and_commands(tmp_path: Path) -> None:
         assert q.job("d0")["speed"] == MiB  # type: ignore[index]
         q.ok("block_job_cancel", device="d0")
         q.wait_event("BLOCK_JOB_CANCELLED")
+        # a cancel while a cancel is in progress (sent back to back, answered before the
+        # job reaches its next chunk boundary)
+        classes = []
+        for _ in range(5):
+            q.ok("block-stream", device="d0", speed=MiB)
+            cancel = {"execute": "block_job_cancel", "arguments": {"device": "d0"}}
+            first, second = pipelined(srv.qmp_path, cancel, cancel)
+            assert first == {"return": {}}
+            classes.append(second["error"]["class"])
+            q.wait_event("BLOCK_JOB_CANCELLED")
+            if classes[-1] == "DeviceInUse":
+                break
+        assert "DeviceInUse" in classes and set(classes) <= {"DeviceInUse", "DeviceNotActive"}
         assert srv.stop() == 0, srv.stderr
 
 
