@@ -307,8 +307,9 @@ def test_backing_that_is_not_a_plain_file_is_refused(
     backing = backing.replace("{dir}", str(odd_files))
     qemu("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, "1M",
          cwd=odd_files)
-    info, serve = vdisk_all(odd_files, ["info", "--backing-chain", str(top)],
-                            serve_args(odd_files, top))
+    # one after the other: at once, one could find the image locked by the other
+    [info] = vdisk_all(odd_files, ["info", "--backing-chain", str(top)])
+    [serve] = vdisk_all(odd_files, serve_args(odd_files, top))
     line = one_error_line(info)
     assert reason in line and str(top) in line, line
     if reason != "does not exist":
