@@ -253,3 +253,22 @@ def test_runtime_bad_entries_refuse_writes(tmp_path: Path) -> None:
             assert ei.value.errno == errno.EIO
         img.write(0, b"fine")
     assert p.stat().st_size < size + (1 << 20)  # nothing written out at the bogus offset
+
+
+def test_compressed_bombs_inflate_one_cluster_at_most() -> None:
+    import zlib
+
+    import zstandard
+
+    from vdisk.qcow2.compress import decompress_cluster
+
+    zb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
+    assert decompress_cluster(1, zb, 65536) == bytes(65536)
+    c = zlib.compressobj(9, zlib.DEFLATED, -12)
+    db = c.compress(bytes(64 << 20)) + c.flush()
+    assert decompress_cluster(0, db, 65536) == bytes(65536)
+    with pytest.raises(OSError) as ei:
+        decompress_cluster(1, b"garbage" * 10, 65536)
+    assert ei.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        decompress_cluster(0, zlib.compress(b"x")[2:-4][:3], 65536)  # short stream

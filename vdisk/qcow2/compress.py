@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import zlib
 
 import zstandard
@@ -21,8 +22,7 @@ def decompress_cluster(ctype: int, data: bytes | memoryview, cluster_size: int) 
         if ctype == COMPRESSION_DEFLATE:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
-            dobj = zstandard.ZstdDecompressor().decompressobj()
-            out = dobj.decompress(bytes(data))
+            out = _zstd_bounded(data, cluster_size)
         else:
             raise OSError(errno.EIO, f"unknown compression type {ctype}")
     except (zlib.error, zstandard.ZstdError) as e:
@@ -30,6 +30,21 @@ def decompress_cluster(ctype: int, data: bytes | memoryview, cluster_size: int) 
     if len(out) < cluster_size:
         raise OSError(errno.EIO, "compressed cluster inflates to a short cluster")
     return out[:cluster_size]
+
+
+def _zstd_bounded(data: bytes | memoryview, limit: int) -> bytes:
+    """Inflate at most `limit` bytes (a hostile frame may claim gigabytes)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data)),
+                                                        read_across_frames=False)
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk = reader.read(limit - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def compress_cluster(ctype: int, data: bytes) -> bytes:
