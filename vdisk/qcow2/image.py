@@ -160,6 +160,10 @@ class Qcow2Image(Image):
         v3 = self.version >= 3
         ext = self.extended_l2
         mask = self.l2_entries - 1
+        if not ext and end - offset > cs:
+            run = self._contiguous_run(l2, offset, end)
+            if run is not None:
+                return [[offset, end - offset, DATA, run]]
 
         def add(g: int, n: int, k: int, h: int) -> None:
             if segs:
@@ -214,6 +218,26 @@ class Qcow2Image(Image):
                         p = se
             pos = cend
         return segs
+
+    def _contiguous_run(self, l2: array[int], offset: int, end: int) -> int | None:
+        """Host offset of `offset` if [offset, end) (one L2 table, standard entries) is a
+        single run of contiguous plain data clusters, else None. One fast scan."""
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        i0 = (offset >> cb) & mask
+        i1 = ((end - 1) >> cb) & mask
+        first = l2[i0]
+        off = first & OFFSET_MASK
+        if (not off or first & COMPRESSED or (self.version >= 3 and first & ZERO)
+                or off & (self.cluster_size - 1)):
+            return None
+        k = first
+        step = 1 << cb
+        for e in l2[i0 + 1:i1 + 1]:
+            k += step
+            if e != k:
+                return None
+        return off + (offset & (self.cluster_size - 1))
 
     def _chunks(self, offset: int, end: int) -> list[tuple[int, int]]:
         out = []
@@ -460,6 +484,11 @@ class Qcow2Image(Image):
         l2off, l2 = self._writable_l2(offset >> self.chunk_bits)
         mask = self.l2_entries - 1
         ext = self.extended_l2
+        if not ext and len(data) > cs and l2[(offset >> cb) & mask] & COPIED:
+            host = self._contiguous_run(l2, offset, end)
+            if host is not None and host + len(data) <= self.f.size:
+                self.f.pwrite(data, host)  # all in place: no metadata to touch
+                return
         zero_ok = self.version >= 3 and not ext
         plans = []  # (cluster index, action, host offset, head fill, tail fill, old entry)
         for ci in range(offset >> cb, ((end - 1) >> cb) + 1):
