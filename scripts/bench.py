@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib.chain import build_chain  # noqa: E402
 from bench_lib.report import figures, plot, table, targets, write_json  # noqa: E402
 from bench_lib.runner import Bench, Settings  # noqa: E402
+from bench_lib.sides import VdiskSide  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -62,8 +63,34 @@ def machine() -> dict[str, Any]:
         "qemu_img": out(["qemu-img", "--version"]).splitlines()[0],
         "fio": out(["fio", "--version"]),
         "python": platform.python_version(),
+        "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
     }
+
+
+def describe_vdisk(rev: str | None, work: Path) -> str:
+    """Point VdiskSide at the tree or at REV's files (extracted into work); describe it."""
+    def git(*a: str) -> str:
+        res = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"git {' '.join(a)}: {res.stderr.strip()}")
+        return res.stdout.strip()
+
+    if rev is None:
+        try:
+            head = git("rev-parse", "--short", "HEAD")
+            dirty = git("status", "--porcelain", "--", "vdisk", "control")
+        except (RuntimeError, OSError):
+            return "working tree"
+        return f"working tree at {head}" + (" (with uncommitted changes)" if dirty else "")
+    sha = git("rev-parse", "--short", f"{rev}^{{commit}}")
+    dest = work / f"vdisk-{sha}"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "vdisk", "control"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    VdiskSide.source = dest
+    return f"commit {sha}"
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -84,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sample vdisk with py-spy during random 4K I/O and the stream, into DIR")
     p.add_argument("--workdir", type=Path, default=None,
                    help="scratch directory (default: a new one under $TMPDIR; removed after)")
+    p.add_argument("--vdisk-rev", default=None, metavar="REV",
+                   help="benchmark vdisk as committed at git REV (default: the working tree)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
     size = args.size or ((64 << 20) if args.quick else (1 << 30))
@@ -103,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             print("bench: --plot needs matplotlib (scripts/bench installs it)", file=sys.stderr)
             return 1
 
+    signal.signal(signal.SIGINT, _terminate)  # also when started with SIGINT ignored (&)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vdisk-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_start = " ".join(open("/proc/loadavg").read().split()[:3])
     try:
+        vdisk_src = describe_vdisk(args.vdisk_rev, work)
+        print(f"bench: vdisk: {vdisk_src}", flush=True)
         print(f"bench: building a {size >> 20} MiB chain in {work}", flush=True)
         chain = build_chain(work / "src", size)
         settings = Settings(work=work, runtime=runtime, ramp=ramp, profile=args.profile,
@@ -128,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     figs = figures(bench.results)
     tgts = targets(figs, ref)
+    mach = machine()
+    mach["loadavg_start"] = load_start  # other work on the machine skews the figures
     doc = {
-        "machine": machine(),
-        "config": {"size": size, "runtime_s": runtime, "ramp_s": ramp, "quick": args.quick,
+        "machine": mach,
+        "config": {"vdisk": vdisk_src, "size": size, "runtime_s": runtime, "ramp_s": ramp, "quick": args.quick,
                    "fio": "ioengine=psync direct=1 (O_DIRECT on both sides)",
                    "duration_s": round(time.time() - started, 1)},
         "figures": figs,

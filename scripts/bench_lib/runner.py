@@ -233,5 +233,6 @@ class Bench:
     def drop_copies(self) -> None:
         """Remove the chain copies of finished steps (their servers are stopped)."""
         for d in self.s.work.iterdir():
-            if d.is_dir() and d != self.chain.dir and d != self.s.profile:
+            keep = d == self.chain.dir or d == self.s.profile or d.name.startswith("vdisk-")
+            if d.is_dir() and not keep:
                 shutil.rmtree(d, ignore_errors=True)

@@ -84,6 +84,9 @@ class Side:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def cwd(self) -> Path:
+        return ROOT
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -92,7 +95,7 @@ class Side:
     def __enter__(self) -> Side:
         self.work.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=log, stderr=log,
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + START_TIMEOUT
@@ -136,6 +139,10 @@ class Side:
 class VdiskSide(Side):
     name = "vdisk"
     device = "d0"
+    source = ROOT  # where `python -m vdisk` runs from (a checked-out revision, or the tree)
+
+    def cwd(self) -> Path:
+        return self.source
 
     def __init__(self, chain: Chain, work: Path, **kw: bool) -> None:
         super().__init__(chain, work, **kw)
@@ -144,7 +151,7 @@ class VdiskSide(Side):
 
     def command(self) -> list[str]:
         cor = "on" if self.copy_on_read else "off"
-        return [sys.executable, "-m", "vdisk", "serve", "--mount", str(self.mount),
+        return ["env", f"PYTHONPATH={self.source}", sys.executable, "-m", "vdisk", "serve", "--mount", str(self.mount),
                 "--qmp", str(self.qmp_path), "--log-level", "warning",
                 "--drive", f"id=d0,file={self.chain.top},copy-on-read={cor}"]
 
