@@ -24,7 +24,7 @@ rnd = random.Random(7)
 img = open_qcow2(path, read_only=False)
 size = img.virtual_size
 done = []
-for i in range(300):
+for i in range(200):
     off = rnd.randrange(0, size - (1 << 20))
     n = rnd.choice([512, 4096, 65536, 300000, 1 << 20])
     data = rnd.randbytes(n)
@@ -34,7 +34,7 @@ for i in range(300):
         img.flush()
 for off, n, h in done[-50:]:
     assert hashlib.sha256(img.read(off, n)).hexdigest() == h
-for _ in range(300):
+for _ in range(150):
     off = rnd.randrange(0, size - (1 << 20))
     img.read(off, 1 << 20)
 pos, runs = 0, 0

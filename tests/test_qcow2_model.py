@@ -113,7 +113,7 @@ def test_model(tmp_path: Path, cfg: tuple, seed: int) -> None:
 
 def test_refcount_table_growth(tmp_path: Path) -> None:
     """512 B clusters with 64-bit refcounts: the refcount table must move several times."""
-    size = 12 << 20
+    size = 8 << 20
     top = tmp_path / "grow.qcow2"
     create_qcow2(str(top), size, cluster_size=512, refcount_bits=64)
     rnd = random.Random(5)
