@@ -99,6 +99,17 @@ async def test_socket_directly_in_tmp_is_refused() -> None:
     assert "/tmp" in msg and "writable by other users" in msg
 
 
+async def test_socket_dir_reached_through_a_symlink_is_checked_at_its_target(
+    tmp_path: Path
+) -> None:
+    public = tmp_path / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    (tmp_path / "link").symlink_to(public)
+    msg = await _serve_refused(str(tmp_path / "link" / "q.sock"))
+    assert "writable by other users" in msg
+
+
 async def test_socket_in_another_users_directory_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "s"
     d.mkdir(mode=0o700)
