@@ -139,6 +139,17 @@ def test_startup_errors(tmp_path: Path) -> None:
     assert str(top) in serve(f"id=a,file={top}", f"id=b,file={top}")
     inside = ["--mount", str(mnt), "--qmp", str(mnt / "q.sock"), "--drive", f"id=d0,file={top}"]
     assert "mount point" in _one_line(run_serve(tmp_path, inside), mnt, mnt / "q.sock")
+    # QMP socket problems show up after the mount is live: it must be undone
+    nodir = tmp_path / "nodir" / "q.sock"
+    res = run_serve(tmp_path, ["--mount", str(mnt), "--qmp", str(nodir),
+                               "--drive", f"id=d0,file={top}"])
+    assert "nodir" in _one_line(res, mnt, nodir)
+    notsock = tmp_path / "notsock"
+    notsock.write_text("x")
+    res = run_serve(tmp_path, ["--mount", str(mnt), "--qmp", str(notsock),
+                               "--drive", f"id=d0,file={top}"])
+    assert str(notsock) in _one_line(res, mnt, tmp_path / "absent")
+    assert notsock.read_text() == "x" and locked_bytes(top) == []
     # unknown option: argparse's message names it (usage line allowed), no traceback
     err = _errors_ok(run_serve(tmp_path, [*common, "--drive", f"id=d0,file={top}",
                                           "--bogus"]), mnt, sock)
