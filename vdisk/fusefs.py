@@ -14,6 +14,7 @@ import pyfuse3
 import trio
 
 from vdisk.device import BlockDevice
+from vdisk.errors import VdiskError
 
 log = logging.getLogger("vdisk.fuse")
 
@@ -35,6 +36,9 @@ async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
     except OSError as e:
         log.debug("%s: %s", what, e)
         raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    except VdiskError as e:  # e.g. corruption found at run time: one line, EIO
+        log.error("%s: %s", what, e)
+        raise pyfuse3.FUSEError(errno.EIO) from None
     except Exception:
         log.exception("%s failed", what)
         raise pyfuse3.FUSEError(errno.EIO) from None
