@@ -21,6 +21,8 @@ import os
 import struct
 from collections.abc import Awaitable, Callable
 
+import pyfuse3
+
 log = logging.getLogger("vdisk.fuse")
 
 # Index of `fallocate` in struct fuse_lowlevel_ops (libfuse 3.x, fuse_lowlevel.h):
@@ -112,6 +114,8 @@ async def _run(req: int, ino: int, mode: int, off: int, length: int) -> None:
         code = 0
     except OSError as e:
         code = e.errno or errno.EIO
+    except pyfuse3.FUSEError as e:  # an errno on purpose (already logged if need be)
+        code = e.errno or errno.EIO
     except Exception:
         code = errno.EIO
         log.exception("fallocate failed")
@@ -134,8 +138,6 @@ def install() -> bool:
     """Patch pyfuse3 once (before pyfuse3.init); False if that is not possible here."""
     if _State.installed:
         return True
-    import pyfuse3
-
     if hasattr(pyfuse3.Operations, "fallocate"):
         log.warning("pyfuse3 %s has its own fallocate: not patching it", pyfuse3.__version__)
         return False

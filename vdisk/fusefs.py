@@ -203,10 +203,10 @@ class DriveFS(pyfuse3.Operations):
             return
         if off >= end:
             return
-        if kind == FALLOC_FL_PUNCH_HOLE and keep:
-            await dev.write_zeroes(off, end - off, unmap=True)
-        elif kind == FALLOC_FL_ZERO_RANGE:
-            await dev.write_zeroes(off, end - off, unmap=False)
+        if kind == FALLOC_FL_PUNCH_HOLE and keep or kind == FALLOC_FL_ZERO_RANGE:
+            unmap = kind == FALLOC_FL_PUNCH_HOLE
+            await _call(f"{dev.drive_id}: fallocate",
+                        lambda: dev.write_zeroes(off, end - off, unmap=unmap))
         else:
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
 
