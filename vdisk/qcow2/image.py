@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import struct
 from array import array
@@ -58,7 +59,11 @@ from vdisk.qcow2.layout import (
     compressed_clusters,
     compressed_range,
 )
+from vdisk.qcow2.overlap import MetadataMap
 from vdisk.qcow2.refcount import Refcounts
+from vdisk.raw import fallocate
+
+_FALLOC_FL_KEEP_SIZE = 0x01
 
 _ZEROS = bytes(1 << 21)
 _STATUS = {UNALLOC: Status.UNALLOCATED, ZEROES: Status.ZERO, DATA: Status.DATA,
@@ -66,6 +71,9 @@ _STATUS = {UNALLOC: Status.UNALLOCATED, ZEROES: Status.ZERO, DATA: Status.DATA,
 # Actions planned for one cluster of a write.
 _INPLACE, _FILL, _NEW = 0, 1, 2
 _MAX_PENDING_FREES = 4096
+_INCOMPAT_OFFSET = 72  # the v3 header's incompatible_features field
+
+log = logging.getLogger("vdisk.qcow2")
 
 
 def _zero(mv: memoryview) -> None:
@@ -120,6 +128,16 @@ class Qcow2Image(Image):
         self._prepared = False
         self._hdr_len = len(serialize_header(dataclasses.replace(hdr)))
         self._closed = False
+        self.meta: MetadataMap | None = None
+        if not read_only:
+            self.meta = MetadataMap(self.f, hdr, self.l1)
+            for e in self.rc.table:
+                off = e & OFFSET_MASK
+                if off and not off & (cs - 1):
+                    self.meta.refblocks.add(off >> cb)
+            self.rc.guard = self._guard
+            self.rc.corrupt = self._corruption
+            self.rc.on_block = self.meta.refblocks.add
 
     # -- helpers ----------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -132,6 +150,39 @@ class Qcow2Image(Image):
             raise OSError(errno.EBADF, f"{self.path}: image is closed")
         if self.read_only:
             raise ReadOnlyError(self.path, "image is opened read-only")
+        if self.corrupt:
+            raise OSError(errno.EIO, f"{self.path}: image is marked corrupt, writes are refused "
+                                     f"(repair it with 'qemu-img check -r all')")
+
+    # -- corruption -------------------------------------------------------------------
+    def _corruption(self, reason: str) -> OSError:
+        """Metadata is inconsistent: on a writable image, set the corrupt bit (v3; v2 has
+        none, so only in memory) and refuse every later write. The error to raise."""
+        if self.read_only:
+            return self.f.eio(reason)
+        if not self.corrupt:
+            self.corrupt = True
+            log.error("%s: %s; marking the image corrupt, it is read-only from now on",
+                      self.path, reason)
+            if self.version >= 3:
+                self.hdr.incompatible |= INCOMPAT_CORRUPT
+                try:  # 8 bytes inside the header: never torn, never extends the file
+                    self.f.pwrite(struct.pack(">Q", self.hdr.incompatible), _INCOMPAT_OFFSET)
+                    self.f.sync()
+                except OSError as e:
+                    log.error("%s: could not set the corrupt bit: %s", self.path, e)
+        return OSError(errno.EIO, f"{self.path}: {reason}; image marked corrupt")
+
+    def _guard(self, first: int, count: int, own: str = "", own_cluster: int = -1) -> None:
+        """QEMU's overlap check: refuse (and mark corrupt) a write onto metadata."""
+        meta = self.meta
+        if meta is None:
+            return
+        meta.reftable = (self.rc.table_offset >> self.cluster_bits, self.rc.table_clusters)
+        hit = meta.find(first, count, own=own, own_cluster=own_cluster)
+        if hit is not None:
+            raise self._corruption(f"preventing invalid write on metadata at host offset "
+                                   f"0x{first << self.cluster_bits:x} (overlaps with {hit})")
 
     def _l2(self, l1i: int) -> tuple[int, array[int] | None]:
         if l1i >= len(self.l1):
@@ -142,9 +193,11 @@ class Qcow2Image(Image):
         t = self.l2_cache.get(off)
         if t is not None:
             return off, t
-        if off & (self.cluster_size - 1) or off + self.cluster_size > self.f.size:
-            raise self.f.eio(f"L2 table offset 0x{off:x} (L1 index {l1i}) is misaligned "
-                             f"or beyond the end of file")
+        if off & (self.cluster_size - 1):
+            raise self._corruption(f"L2 table offset 0x{off:x} (L1 index {l1i}) is unaligned")
+        if off + self.cluster_size > self.f.size:
+            raise self.f.eio(f"L2 table offset 0x{off:x} (L1 index {l1i}) lies beyond the end "
+                             f"of file")
         t = array("Q", self.f.pread(self.cluster_size, off))
         t.byteswap()
         self.l2_cache.put(off, t)
@@ -189,14 +242,14 @@ class Qcow2Image(Image):
                     add(pos, cend - pos, UNALLOC, 0)
                 else:
                     if off & (cs - 1):
-                        raise self.f.eio(f"data cluster offset 0x{off:x} is misaligned")
+                        raise self._corruption(f"data cluster offset 0x{off:x} is unaligned")
                     add(pos, cend - pos, DATA, off + pos - cstart)
             else:
                 bm = l2[idx * 2 + 1]
                 off = e & OFFSET_MASK
                 alloc, zero = bm & ALL_ALLOC, bm >> 32
                 if alloc & zero or (alloc and (not off or off & (cs - 1))):
-                    raise self.f.eio(f"invalid extended L2 entry 0x{e:x}/0x{bm:x}")
+                    raise self._corruption(f"invalid extended L2 entry 0x{e:x}/0x{bm:x}")
                 if alloc == ALL_ALLOC:
                     add(pos, cend - pos, DATA, off + pos - cstart)
                 elif zero == ALL_ALLOC:
@@ -301,7 +354,7 @@ class Qcow2Image(Image):
             for g, n, kind, host in self._map(a, b):
                 mv = buf[g - offset:g - offset + n]
                 if kind == DATA:
-                    if host >= self.f.size:
+                    if host + n > self.f.size:
                         raise self.f.eio(f"data cluster at 0x{host:x} lies beyond the end of "
                                          f"file")
                     self.f.pread_into(mv, host)
@@ -353,6 +406,10 @@ class Qcow2Image(Image):
         self.f.pwrite(struct.pack(">QI", off, clusters), 48)
 
     def _write_l1(self, l1i: int, value: int) -> None:
+        if self.meta is not None:
+            ent = (self.hdr.l1_table_offset + l1i * 8) >> self.cluster_bits
+            self._guard(ent, 1, "active L1 table")
+            self.meta.l1_changed(self.l1[l1i], value)
         self.l1[l1i] = value
         self.f.pwrite(struct.pack(">Q", value), self.hdr.l1_table_offset + l1i * 8)
 
@@ -369,9 +426,12 @@ class Qcow2Image(Image):
         if off:
             _, t = self._l2(l1i)
             assert t is not None
+            c = off >> self.cluster_bits
             if e & COPIED:
+                self._guard(c, 1, "active L2 table", c)
                 return off, t
-            if self.rc.get(off >> self.cluster_bits) == 1:
+            if self.rc.get(c) == 1:
+                self._guard(c, 1, "active L2 table", c)
                 self._write_l1(l1i, off | COPIED)
                 return off, t
             src = array("Q", t)
@@ -381,7 +441,11 @@ class Qcow2Image(Image):
         new = start << self.cluster_bits
         be = array("Q", src)
         be.byteswap()
-        self.f.pwrite(be.tobytes(), new)
+        try:
+            self.f.pwrite(be.tobytes(), new)
+        except OSError:
+            self._unalloc(start, 1)
+            raise
         self.f.unsynced = True
         self.f.barrier()  # refcount and table content before the L1 entry
         self._write_l1(l1i, new | COPIED)
@@ -400,7 +464,16 @@ class Qcow2Image(Image):
             self.f.barrier()  # refcounts durable before any L2 entry may name these
         k = min(want, count)
         self._reserve = (start + k, count - k)
+        self._guard(start, k)
         return start, k
+
+    def _unalloc(self, start: int, count: int) -> None:
+        """Give back clusters from _alloc that were never referenced (a write failed)."""
+        rs, rn = self._reserve
+        if start + count == rs or not rn:
+            self._reserve = (start, count + rn)
+        else:
+            self.rc.free(start, count)
 
     def _return_reserve(self) -> None:
         start, count = self._reserve
@@ -439,6 +512,12 @@ class Qcow2Image(Image):
         self._prepared = True
 
     def _write_header(self, h: Header) -> None:
+        """Rewrite the header area in one pwrite inside the first cluster.
+
+        The file never grows (the tables follow the first cluster), and its blocks are
+        reserved first (fallocate), so a full file system fails the rewrite before a
+        byte changes instead of tearing it halfway.
+        """
         buf = serialize_header(h)
         if len(buf) > self.cluster_size:  # drop the optional feature name table
             h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
@@ -446,7 +525,18 @@ class Qcow2Image(Image):
         if len(buf) > self.cluster_size:
             raise OSError(errno.ENOSPC, f"{self.path}: header does not fit in the first cluster")
         pad = max(0, min(self.cluster_size, self._hdr_len) - len(buf))
-        self.f.pwrite(buf + bytes(pad), 0)
+        out = buf + bytes(pad)
+        if len(out) > self.f.size:
+            raise OSError(errno.EIO, f"{self.path}: the file is shorter than its header")
+        try:
+            fallocate(self.f.fd, _FALLOC_FL_KEEP_SIZE, 0, len(out))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(e.errno, f"{self.path}: cannot rewrite the header: "
+                                       f"{e.strerror}") from None
+        done = os.pwrite(self.f.fd, out, 0)
+        if done != len(out):
+            raise OSError(errno.EIO, f"{self.path}: short header write ({done} of {len(out)})")
         self.f.sync()
         self.hdr = h
         self._hdr_len = len(buf)
@@ -474,8 +564,10 @@ class Qcow2Image(Image):
                 raise self.f.eio(f"compressed cluster at 0x{host:x} lies beyond the end of file")
         else:
             off = e & OFFSET_MASK
-            if off and (off & (self.cluster_size - 1) or off >= self.f.size):
-                raise self.f.eio(f"L2 entry 0x{e:x} points outside the file or is misaligned")
+            if off & (self.cluster_size - 1):
+                raise self._corruption(f"L2 entry 0x{e:x} has an unaligned cluster offset")
+            if off and off + self.cluster_size > self.f.size:
+                raise self.f.eio(f"L2 entry 0x{e:x} points beyond the end of file")
         return e, bm
 
     def _write_chunk(self, offset: int, data: memoryview) -> None:
@@ -487,6 +579,7 @@ class Qcow2Image(Image):
         if not ext and len(data) > cs and l2[(offset >> cb) & mask] & COPIED:
             host = self._contiguous_run(l2, offset, end)
             if host is not None and host + len(data) <= self.f.size:
+                self._guard(host >> cb, ((host + len(data) - 1) >> cb) - (host >> cb) + 1)
                 self.f.pwrite(data, host)  # all in place: no metadata to touch
                 return
         zero_ok = self.version >= 3 and not ext
@@ -522,6 +615,7 @@ class Qcow2Image(Image):
                 while (j < len(plans) and plans[j][1] == _INPLACE
                        and plans[j][2] == off + ((j - i) << cb)):
                     j += 1
+                self._guard(off >> cb, j - i)
                 a = max(offset, c0)
                 b = min(end, (plans[j - 1][0] + 1) << cb)
                 self.f.pwrite(data[a - offset:b - offset], off + (a - c0))
@@ -529,6 +623,8 @@ class Qcow2Image(Image):
                 continue
             if action == _FILL:
                 k, host = 1, off
+                self._guard(off >> cb, 1)
+                start = -1
             else:
                 j = i + 1
                 while j < len(plans) and plans[j][1] == _NEW:
@@ -544,7 +640,12 @@ class Qcow2Image(Image):
             bufs.append(data[a - offset:b - offset])
             if last[4]:
                 bufs.append(last[4])
-            self.f.pwritev(bufs, host)
+            try:
+                self.f.pwritev(bufs, host)
+            except OSError:
+                if start >= 0:  # ENOSPC, EIO: the new clusters were never referenced
+                    self._unalloc(start, k)
+                raise
             for t in range(k):
                 p = plans[i + t]
                 updates[p[0] & mask] = ((host + (t << cb)) | COPIED, ALL_ALLOC)
@@ -632,7 +733,8 @@ class Qcow2Image(Image):
     def flush(self) -> None:
         if self._closed or self.read_only:
             return
-        self._apply_frees()
+        if not self.corrupt:  # a corrupt image's metadata is left alone
+            self._apply_frees()
         self.f.sync()
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
@@ -677,8 +779,9 @@ class Qcow2Image(Image):
             return
         try:
             if not self.read_only:
-                self._apply_frees()
-                self._return_reserve()
+                if not self.corrupt:
+                    self._apply_frees()
+                    self._return_reserve()
                 self.f.sync()
         finally:
             self._closed = True

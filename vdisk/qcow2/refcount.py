@@ -117,6 +117,16 @@ class Refcounts:
         self.cache: LRUCache[int, bytearray] = LRUCache(max(4, cache_bytes // self.cs))
         self.hint = 0
         self._set_header_table = set_header_table
+        # Set by a writable image: guard(first, count, what, own_cluster) raises before a
+        # write would land on other metadata; corrupt(reason) marks the image corrupt and
+        # returns the OSError to raise.
+        self.guard: Callable[[int, int, str, int], None] | None = None
+        self.corrupt: Callable[[str], OSError] | None = None
+        self.on_block: Callable[[int], None] | None = None  # a refcount block was placed
+        self._guarded: set[int] = set()
+
+    def _corrupt(self, reason: str) -> OSError:
+        return self.corrupt(reason) if self.corrupt is not None else self.f.eio(reason)
 
     # -- blocks -----------------------------------------------------------------------
     def block_offset(self, b: int) -> int:
@@ -124,7 +134,7 @@ class Refcounts:
             return 0
         off = self.table[b] & OFFSET_MASK
         if off & (self.cs - 1):
-            raise self.f.eio(f"refcount block {b} has a bad offset 0x{self.table[b]:x}")
+            raise self._corrupt(f"refcount block {b} offset 0x{self.table[b]:x} is unaligned")
         return off
 
     def block(self, b: int) -> bytearray | None:
@@ -134,8 +144,9 @@ class Refcounts:
         off = self.block_offset(b)
         if not off:
             return None
-        if off >= self.f.size:
-            raise self.f.eio(f"refcount block {b} lies beyond the end of file")
+        if off + self.cs > self.f.size:
+            raise self.f.eio(f"refcount block {b} (offset 0x{off:x}) lies beyond the end of "
+                             f"file")
         blk = bytearray(self.f.pread(self.cs, off))
         self.cache.put(b, blk)
         return blk
@@ -162,11 +173,20 @@ class Refcounts:
                 assert blk is not None
             i0 = c & (self.per_block - 1)
             i1 = min(self.per_block, i0 + (end - c))
+            if self.guard is not None and b not in self._guarded:
+                boff = self.block_offset(b) >> self.cluster_bits
+                self.guard(boff, 1, "refcount block", boff)
+                self._guarded.add(b)
+            for i in range(i0, i1):  # check first: an error leaves the block unchanged
+                v = get_entry(blk, i, self.w) + delta
+                if v < 0:
+                    raise self._corrupt(f"refcount underflow at cluster "
+                                        f"{(b << self.block_bits) + i} (freeing a cluster "
+                                        f"whose refcount is 0)")
+                if v > self.max:
+                    raise self.f.eio(f"refcount overflow at cluster {(b << self.block_bits) + i}")
             for i in range(i0, i1):
                 v = get_entry(blk, i, self.w) + delta
-                if v < 0 or v > self.max:
-                    raise self.f.eio(f"refcount {'underflow' if v < 0 else 'overflow'} "
-                                     f"at cluster {(b << self.block_bits) + i}")
                 set_entry(blk, i, self.w, v)
                 if v == 0 and (b << self.block_bits) + i < self.hint:
                     self.hint = (b << self.block_bits) + i
@@ -222,6 +242,8 @@ class Refcounts:
             if self.block_offset(b):
                 return
         pos = b << self.block_bits
+        if self.guard is not None:
+            self.guard(pos, 1, "", -1)
         blk = bytearray(self.cs)
         set_entry(blk, 0, self.w, 1)
         self.f.pwrite(blk, pos << self.cluster_bits)
@@ -231,6 +253,9 @@ class Refcounts:
         self.f.pwrite(struct.pack(">Q", self.table[b]), self.table_offset + b * 8)
         self.f.unsynced = True
         self.cache.put(b, blk)
+        self._guarded.add(b)
+        if self.on_block is not None:
+            self.on_block(pos)
 
     def _grow_table(self, b: int) -> None:
         old_n = len(self.table)
@@ -252,6 +277,8 @@ class Refcounts:
         table = array("Q", self.table)
         table.extend([0] * (new_n - old_n))
         total = nblocks + tcl
+        if self.guard is not None:
+            self.guard(area, total, "", -1)
         for k in range(nblocks):
             bi = old_n + k
             blk = bytearray(self.cs)
@@ -262,6 +289,9 @@ class Refcounts:
             self.f.pwrite(blk, (area + k) << self.cluster_bits)
             table[bi] = (area + k) << self.cluster_bits
             self.cache.put(bi, blk)
+            self._guarded.add(bi)
+            if self.on_block is not None:
+                self.on_block(area + k)
         be = array("Q", table)
         be.byteswap()
         new_off = (area + nblocks) << self.cluster_bits
