@@ -212,3 +212,40 @@ def test_file_semantics(tmp_path: Path) -> None:
     data = rw.read_bytes()
     assert data[:12288] == b"\x01" * 4096 + bytes(8192) and len(data) == 3 * MiB + 512
     assert ro.read_bytes() == b"\x01" * (3 * MiB + 512)
+
+
+def _layout(entries: list[dict]) -> list[tuple[int, int, bool]]:
+    """(start, end, data) runs of a `qemu-img map` answer, adjacent equal runs merged."""
+    runs: list[tuple[int, int, bool]] = []
+    for e in entries:
+        start, end, data = e["start"], e["start"] + e["length"], bool(e["data"])
+        if runs and runs[-1][1] == start and runs[-1][2] == data:
+            start = runs.pop()[0]
+        runs.append((start, end, data))
+    return runs
+
+
+def test_seek_data_hole_matches_qemu_map(tmp_path: Path) -> None:
+    """SEEK_DATA/SEEK_HOLE on the FUSE file (what `qemu-img map -f raw` uses) agree with
+    `qemu-img map` of the chain itself."""
+    import json
+
+    need_qcow2()
+    tops = build_variants(tmp_path)
+    drives = [f"id={name},file={top},copy-on-read=off" for name, top in tops.items()]
+    with serving(tmp_path, *drives) as srv:
+        for name, top in tops.items():
+            fuse_map = json.loads(qemu_img("map", "-f", "raw", "--output=json", srv.path(name)))
+            assert _layout(fuse_map) == _layout(qemu_map_u(top)), name
+        fd = os.open(srv.path("chain"), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            assert os.lseek(fd, size - 1, os.SEEK_HOLE) == size - 1
+            try:
+                os.lseek(fd, size, os.SEEK_DATA)
+                raise AssertionError("SEEK_DATA at the end succeeded")
+            except OSError as e:
+                assert e.errno == 6  # ENXIO
+        finally:
+            os.close(fd)
+        assert srv.stop() == 0

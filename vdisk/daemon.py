@@ -159,8 +159,8 @@ class Daemon:
 
     async def _fuse(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as aux:  # fallocate requests run here
-                fuse_hook.set_handler(self._ops.fallocate, aux.start_soon)
+            async with trio.open_nursery() as aux:  # fallocate and lseek requests run here
+                fuse_hook.set_handler(self._ops.fallocate, aux.start_soon, self._ops.lseek)
                 task_status.started()
                 try:
                     await pyfuse3.main(FUSE_MIN_TASKS, FUSE_MAX_TASKS)

@@ -211,6 +211,29 @@ class BlockDevice:
         """True while a request holds or waits for a byte range (I/O in flight)."""
         return self._locks.busy
 
+    async def seek(self, offset: int, whence: int) -> int:
+        """lseek's SEEK_DATA / SEEK_HOLE over the guest view. A hole is a range known to read
+        as zeroes (zero clusters, or nothing in the chain holds it); the end is a hole."""
+        self._check_open()
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _oserror(errno.EINVAL, f"whence {whence}")
+        if offset < 0 or offset >= self.size:
+            raise _oserror(errno.ENXIO, "offset past the end")
+        want_data = whence == os.SEEK_DATA
+        off = offset
+        steps = 0
+        while off < self.size:
+            run, _, status = await self._inline(chain_status, self.top, off, self.size - off)
+            if (status is Status.DATA) == want_data:
+                return off
+            off += run
+            steps += 1
+            if steps % 64 == 0:
+                await trio.lowlevel.checkpoint()  # a very fragmented image: let others run
+        if want_data:
+            raise _oserror(errno.ENXIO, "no data after the offset")
+        return self.size
+
     def chain(self) -> list[Image]:
         """The live chain, top first."""
         return list(iter_chain(self.top))

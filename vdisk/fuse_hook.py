@@ -1,15 +1,18 @@
-"""Give pyfuse3 a FUSE fallocate handler (pyfuse3 3.x has none).
+"""Give pyfuse3 FUSE fallocate and lseek (SEEK_DATA/SEEK_HOLE) handlers (pyfuse3 3.x has
+neither).
 
 pyfuse3 builds its `struct fuse_lowlevel_ops` privately and hands it to libfuse's
 `fuse_session_new`. We redirect pyfuse3's PLT slot for that one function (in its
 writable .got.plt) to a ctypes shim that copies the ops table, fills in the
-`fallocate` slot with our own C-callable callback, and calls the real function.
+`fallocate` and `lseek` slots with our own C-callable callbacks, and calls the real
+function.
 
-The callback runs inside `fuse_session_process_buf`, in the trio thread, inside a
+A callback runs inside `fuse_session_process_buf`, in the trio thread, inside a
 pyfuse3 worker task. It schedules an async handler with `spawn` (a nursery's
-start_soon, set by the file system) which replies with `fuse_reply_err` later, as
-libfuse's low-level API allows. Without a spawner the request gets ENOSYS (the
-kernel then answers EOPNOTSUPP by itself).
+start_soon, set by the file system) which replies later (fuse_reply_err /
+fuse_reply_lseek), as libfuse's low-level API allows. Without a handler the request
+gets ENOSYS and the kernel falls back to its own behaviour (EOPNOTSUPP for fallocate,
+"all data" for SEEK_DATA/SEEK_HOLE).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ log = logging.getLogger("vdisk.fuse")
 # rename link open read write flush release fsync opendir readdir releasedir fsyncdir
 # statfs setxattr getxattr listxattr removexattr access create getlk setlk bmap ioctl
 # poll write_buf retrieve_reply forget_multi flock fallocate ...
+# ... flock fallocate readdirplus copy_file_range lseek
 _FALLOCATE_SLOT = 40
+_LSEEK_SLOT = 43
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 
 FallocateHandler = Callable[[int, int, int, int], Awaitable[None]]
+LseekHandler = Callable[[int, int, int], Awaitable[int]]
 
 _SESSION_NEW = ctypes.CFUNCTYPE(
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
@@ -42,15 +48,21 @@ _FALLOCATE = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
     ctypes.c_void_p,
 )
+_LSEEK = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+)
 
 
 class _State:
     installed = False
     real_new: Callable[..., int] | None = None
     reply_err: Callable[[int, int], int] | None = None
+    reply_lseek: Callable[[int, int], int] | None = None
     handler: FallocateHandler | None = None
+    lseek_handler: LseekHandler | None = None
     spawn: Callable[..., object] | None = None
     fallocate_cb: object = None  # ctypes callbacks C holds pointers to: keep them alive
+    lseek_cb: object = None
     shim: object = None
     tables: list[object] = []
 
@@ -123,12 +135,46 @@ async def _run(req: int, ino: int, mode: int, off: int, length: int) -> None:
         _State.reply_err(req, code)
 
 
+def _on_lseek(req: int, ino: int, off: int, whence: int, fi: int) -> None:
+    try:
+        if _State.lseek_handler is None or _State.spawn is None:
+            raise LookupError("no lseek handler")
+        _State.spawn(_run_lseek, req, ino, off, whence)
+    except BaseException:  # a C callback must never raise
+        log.exception("lseek: cannot schedule request")
+        if _State.reply_err is not None:
+            _State.reply_err(req, errno.ENOSYS)
+
+
+async def _run_lseek(req: int, ino: int, off: int, whence: int) -> None:
+    assert _State.lseek_handler is not None and _State.reply_err is not None
+    assert _State.reply_lseek is not None
+    code = errno.EINTR  # if cancelled: the kernel must still get a reply
+    result = -1
+    try:
+        result = await _State.lseek_handler(ino, off, whence)
+        code = 0
+    except OSError as e:
+        code = e.errno or errno.EIO
+    except pyfuse3.FUSEError as e:
+        code = e.errno or errno.EIO
+    except Exception:
+        code = errno.EIO
+        log.exception("lseek failed")
+    finally:
+        if code:
+            _State.reply_err(req, code)
+        else:
+            _State.reply_lseek(req, result)
+
+
 def _session_new(args: int, ops: int, op_size: int, userdata: int) -> int:
-    size = max(op_size, (_FALLOCATE_SLOT + 1) * _PTR)
-    table = ctypes.create_string_buffer(size)
+    table = ctypes.create_string_buffer(max(op_size, (_LSEEK_SLOT + 1) * _PTR))
     ctypes.memmove(table, ops, op_size)
-    cb = ctypes.cast(_State.fallocate_cb, ctypes.c_void_p).value
-    ctypes.c_void_p.from_buffer(table, _FALLOCATE_SLOT * _PTR).value = cb
+    for slot, cb in ((_FALLOCATE_SLOT, _State.fallocate_cb), (_LSEEK_SLOT, _State.lseek_cb)):
+        if (slot + 1) * _PTR <= op_size:  # libfuse only reads op_size bytes of the table
+            ptr = ctypes.cast(cb, ctypes.c_void_p).value
+            ctypes.c_void_p.from_buffer(table, slot * _PTR).value = ptr
     _State.tables.append(table)  # libfuse copies the table, but keep it anyway
     assert _State.real_new is not None
     return _State.real_new(args, ctypes.addressof(table), op_size, userdata) or 0
@@ -142,7 +188,6 @@ def install() -> bool:
         log.warning("pyfuse3 %s has its own fallocate: not patching it", pyfuse3.__version__)
         return False
     try:
-
         so_path = pyfuse3.__file__
         assert so_path is not None
         slot = _load_base(so_path) + _got_slot(so_path, "fuse_session_new")
@@ -153,17 +198,28 @@ def install() -> bool:
         reply.argtypes = [ctypes.c_void_p, ctypes.c_int]
         reply.restype = ctypes.c_int
         _State.reply_err = reply
+        reply_lseek = lib.fuse_reply_lseek
+        reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        reply_lseek.restype = ctypes.c_int
+        _State.reply_lseek = reply_lseek
         _State.fallocate_cb = _FALLOCATE(_on_fallocate)
+        _State.lseek_cb = _LSEEK(_on_lseek)
         _State.shim = shim = _SESSION_NEW(_session_new)
         ctypes.c_void_p.from_address(slot).value = ctypes.cast(shim, ctypes.c_void_p).value
     except (OSError, AssertionError, AttributeError, ValueError, struct.error) as e:
-        log.warning("fallocate support unavailable: %s", e)
+        log.warning("fallocate and SEEK_DATA/SEEK_HOLE support unavailable: %s", e)
         return False
     _State.installed = True
     return True
 
 
-def set_handler(handler: FallocateHandler | None, spawn: Callable[..., object] | None) -> None:
-    """Route fallocate requests to handler(ino, mode, offset, length), run via spawn."""
+def set_handler(
+    handler: FallocateHandler | None,
+    spawn: Callable[..., object] | None,
+    lseek: LseekHandler | None = None,
+) -> None:
+    """Route fallocate requests to handler(ino, mode, offset, length) and lseek requests to
+    lseek(ino, offset, whence) -> offset, each run as a task via spawn."""
     _State.handler = handler
+    _State.lseek_handler = lseek
     _State.spawn = spawn

@@ -211,6 +211,12 @@ class DriveFS(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
 
 
+    async def lseek(self, inode: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (the kernel handles the other whence values itself)."""
+        dev = self._device(inode)
+        return await _call(f"{dev.drive_id}: lseek", lambda: dev.seek(off, whence))
+
+
 def mount_options(*, allow_other: bool) -> set[str]:
     """pyfuse3.init options: vdisk's name for stale-mount detection, large requests."""
     opts = set(pyfuse3.default_options)
