@@ -142,8 +142,10 @@ def start(
 def _listening(path: Path) -> bool:
     """True once a server accepts connections on the UNIX socket (a stale file refuses)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5.0)
     try:
         sock.connect(str(path))
+        sock.recv(4096)  # take the greeting, so the server does not see a lost connection
     except OSError:
         return False
     finally:
