@@ -40,7 +40,7 @@ def _write_unflushed(path: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "sigint", "qmp-quit", "unmount"])
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "sighup", "qmp-quit", "unmount"])
 def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
     need_qcow2()
     base, top = _image(tmp_path)
@@ -54,7 +54,7 @@ def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
             subprocess.run(["fusermount3", "-u", str(srv.mount)], check=True)
             assert srv.wait() == 0
         else:
-            assert srv.stop(signal.SIGTERM if how == "sigterm" else signal.SIGINT) == 0
+            assert srv.stop(getattr(signal, how.upper())) == 0
         assert not is_mounted(srv.mount)
         assert not srv.qmp_path.exists()
         assert "Traceback" not in srv.stderr

@@ -2,9 +2,9 @@
 
 Lifecycle: prepare the mount point (clear a stale vdisk mount), open every chain (locks
 taken), mount, run FUSE, then listen on the QMP socket (it appears only once the mount
-is live), and serve until SIGTERM, SIGINT, QMP `quit` or an external unmount. Stopping:
-cancel block jobs, let in-flight FUSE requests finish, flush every drive, stop QMP,
-unmount, close the chains (locks released); the socket file is removed.
+is live), and serve until SIGTERM, SIGINT, SIGHUP, QMP `quit` or an external unmount.
+Stopping: cancel block jobs, let in-flight FUSE requests finish, flush every drive, stop
+QMP, unmount, close the chains (locks released); the socket file is removed.
 
 The daemon is the QMP backend: `drives()`, `request_quit()`, `block_device(id)`, `jobs`
 (the JobManager), `spawn(fn)` (background tasks such as block jobs, cancelled before the
@@ -222,7 +222,8 @@ class Daemon:
         qmp_dir = os.path.realpath(os.path.dirname(self.qmp_path))
         if os.path.commonpath([qmp_dir, self.mount]) == self.mount:
             raise VdiskError(f"{self.qmp_path}: the QMP socket cannot be inside the mount point")
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals) as receiver:
             prepare_mountpoint(self.mount)
             self._open_drives()
             mounted = False
