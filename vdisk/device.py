@@ -4,8 +4,8 @@ The format engine is synchronous and not thread-safe, so every engine call on a
 chain goes through one per-device engine lock. Short calls (status, read, write,
 zeroes) run inline in the trio thread: a thread hop costs more than a cached 4 KiB
 read. Measured through FUSE (fio randread 4 KiB, psync, O_DIRECT, 1 GiB qcow2, 2 cores):
-inline 12.5k IOPS with 1 job, 20.7k with 4; every call via trio.to_thread with a
-CapacityLimiter(1): 6.3k and 7.2k. Calls that sleep on the disk (flush, header
+inline 21.7k IOPS with 1 job, 26.4k with 4; every call via trio.to_thread with a
+CapacityLimiter(1): 4.3k and 6.0k (on a busier machine: 12.5k/20.7k against 6.3k/7.2k). Calls that sleep on the disk (flush, header
 rewrites, close) run in a worker thread while holding the same lock, so the loop
 (QMP, other drives) keeps going. engine_threads=True (serve --engine-threads, hidden)
 sends every call to the thread, for measurements.
