@@ -604,6 +604,9 @@ class Qcow2Image(Image):
                 if b < c0 + cs:
                     tail = self._view(b, c0 + cs - b)
             plans.append((ci, action, off, head, tail, e))
+        for p in plans:  # before anything is written: no half-done request
+            if p[1] != _NEW:
+                self._guard(p[2] >> cb, 1)
         updates: dict[int, tuple[int, int]] = {}
         frees: list[int] = []
         i = 0
@@ -615,16 +618,13 @@ class Qcow2Image(Image):
                 while (j < len(plans) and plans[j][1] == _INPLACE
                        and plans[j][2] == off + ((j - i) << cb)):
                     j += 1
-                self._guard(off >> cb, j - i)
                 a = max(offset, c0)
                 b = min(end, (plans[j - 1][0] + 1) << cb)
                 self.f.pwrite(data[a - offset:b - offset], off + (a - c0))
                 i = j
                 continue
             if action == _FILL:
-                k, host = 1, off
-                self._guard(off >> cb, 1)
-                start = -1
+                k, host, start = 1, off, -1
             else:
                 j = i + 1
                 while j < len(plans) and plans[j][1] == _NEW:
