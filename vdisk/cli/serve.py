@@ -3,9 +3,12 @@
   vdisk serve --mount DIR --qmp SOCKET \\
       --drive id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]
 
-Runs in the foreground until SIGTERM, SIGINT or the QMP `quit` command. Each drive
-appears as DIR/ID, a raw file of the drive's virtual size. Copy-on-read is on by
-default for read-write drives.
+Runs in the foreground until SIGTERM, SIGINT, SIGHUP or the QMP `quit` command, then
+flushes every drive, unmounts and exits 0. Each drive appears as DIR/ID, a raw file of
+the drive's virtual size (it never grows; fallocate punch-hole/zero-range and
+SEEK_DATA/SEEK_HOLE work). Copy-on-read is on by default for read-write drives.
+DIR is created if missing; a dead vdisk mount left there by a killed daemon is
+lazily unmounted; any other mount, or a non-empty DIR, is refused.
 """
 
 from __future__ import annotations
