@@ -184,4 +184,12 @@ def test_busy_mount_point(tmp_path: Path) -> None:
         assert res.returncode != 0 and "busy" in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert is_mounted(mnt) and srv.path("d0").exists()
+        # a stuck (stopped) vdisk there: refused after a bounded wait, not a hang
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            res = run_serve(tmp_path, other)
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        assert res.returncode != 0 and "does not answer" in res.stderr, res.stderr
+        assert srv.path("d0").exists()
         assert srv.stop() == 0

@@ -34,7 +34,7 @@ from vdisk.chain import close_chain, open_chain
 from vdisk.device import BlockDevice
 from vdisk.errors import VdiskError
 from vdisk.fusefs import DriveFS, mount_options
-from vdisk.mounts import prepare_mountpoint, set_readahead
+from vdisk.mounts import prepare_mountpoint, resolve_mountpoint, set_readahead
 
 log = logging.getLogger("vdisk")
 
@@ -93,7 +93,7 @@ def _single(exc: BaseException) -> BaseException:
 class Daemon:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.mount = os.path.realpath(config.mount)  # resolved now: never stat it once mounted
+        self.mount = resolve_mountpoint(config.mount)  # resolved now: never stat it once mounted
         self.qmp_path = os.path.abspath(config.qmp)
         self._drives: dict[str, Drive] = {}
         self.events = EventBus()

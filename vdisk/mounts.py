@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 
 from vdisk.errors import VdiskError
@@ -13,6 +14,7 @@ from vdisk.errors import VdiskError
 log = logging.getLogger("vdisk.mounts")
 
 VDISK_FSTYPE = "fuse.vdisk"
+PROBE_TIMEOUT = 5.0  # seconds a live vdisk at the mount point gets to answer statfs
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,34 @@ def mounts_at(
     return found
 
 
-def _is_dead(path: str) -> bool:
-    """A FUSE mount whose daemon died answers ENOTCONN (statfs always asks the daemon;
-    stat may be answered from the kernel's attribute cache)."""
-    try:
-        os.statvfs(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
+def _probe(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """'dead', 'alive' or 'hung': a FUSE mount whose daemon died answers ENOTCONN (statfs
+    always asks the daemon; stat may be answered from the kernel's attribute cache). A
+    daemon that is alive but stuck would block us forever, hence the thread."""
+    result: list[str] = []
+
+    def statfs() -> None:
+        try:
+            os.statvfs(path)
+            result.append("alive")
+        except OSError as e:
+            result.append("dead" if e.errno == errno.ENOTCONN else "alive")
+
+    t = threading.Thread(target=statfs, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else "hung"
+
+
+def resolve_mountpoint(path: str) -> str:
+    """An absolute, resolved mount point path, without ever stat()ing a mount point (which
+    may belong to a stuck FUSE daemon): the parent is resolved, and the path itself only
+    when nothing is mounted there."""
+    path = os.path.abspath(path)
+    candidate = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if mounts_at(candidate, resolve=False):
+        return candidate
+    return os.path.realpath(candidate)
 
 
 def lazy_unmount(path: str) -> None:
@@ -82,23 +104,23 @@ def lazy_unmount(path: str) -> None:
 
 
 def prepare_mountpoint(path: str) -> None:
-    """Make path ready to mount on: created if missing; a dead vdisk mount is cleared (and
-    reported on stderr); a live mount or a non-empty directory is refused."""
-    path = os.path.realpath(path)
+    """Make path (from resolve_mountpoint) ready to mount on: created if missing; a dead
+    vdisk mount is cleared (and reported on stderr); a live mount or a non-empty directory
+    is refused."""
     for _ in range(8):  # mounts may be stacked; clear dead vdisk ones one by one
-        entries = mounts_at(path)
-        dead = _is_dead(path)
-        top = entries[-1] if entries else None
-        if dead and (top is None or top.fstype == VDISK_FSTYPE):
-            lazy_unmount(path)
-            log.warning("%s: cleared a stale vdisk mount (its daemon died)", path)
-            continue
-        if top is not None and top.fstype == VDISK_FSTYPE:
+        entries = mounts_at(path, resolve=False)
+        if not entries:
+            break
+        top = entries[-1]
+        if top.fstype != VDISK_FSTYPE:
+            raise VdiskError(f"{path}: busy (a {top.fstype} file system is mounted there)")
+        state = _probe(path)
+        if state == "alive":
             raise VdiskError(f"{path}: busy (another vdisk is serving there)")
-        if top is not None:
-            state = "a dead" if dead else "a"
-            raise VdiskError(f"{path}: busy ({state} {top.fstype} file system is mounted there)")
-        break
+        if state == "hung":
+            raise VdiskError(f"{path}: busy (a vdisk is mounted there and does not answer)")
+        lazy_unmount(path)
+        log.warning("%s: cleared a stale vdisk mount (its daemon died)", path)
     else:
         raise VdiskError(f"{path}: busy (cannot clear stacked mounts)")
     try:
