@@ -160,8 +160,11 @@ def parse_header(path: str, buf: bytes, file_size: int) -> Header:
         end = h.backing_file_offset + h.backing_file_size
         if end > cs or end > len(buf):
             raise bad("backing file name lies beyond the first cluster or the end of file")
+        raw_name = bytes(buf[h.backing_file_offset:end])
+        if b"\0" in raw_name:
+            raise bad("backing file name contains a NUL byte")
         try:
-            h.backing_name = bytes(buf[h.backing_file_offset:end]).decode("utf-8")
+            h.backing_name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
             raise bad("backing file name is not valid UTF-8") from None
     _validate_tables(path, h, file_size)
