@@ -12,13 +12,21 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from typing import NoReturn
 
 from vdisk import __version__
 from vdisk.errors import VdiskError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the culprit (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vdisk",
         description="Serve qcow2/raw backing chains as raw files over FUSE, with "
         "copy-on-read and live block streaming driven over QMP.",
