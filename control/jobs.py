@@ -422,6 +422,8 @@ class JobManager:
         )
         self._jobs[job_id] = job
         self._drive_of[job_id] = drive
+        log.info("job %s: stream of drive %s started (%d bytes, base %s, speed %d B/s)",
+                 job_id, drive, job.len, base or "none", speed)
         self._spawn(job.run)
         return job
 

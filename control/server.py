@@ -254,7 +254,9 @@ class _Session:
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.drop("connection lost")
+                    # the client went away (after `quit`, say): normal, not a warning
+                    log.debug("QMP client %s: connection lost while writing", self.label)
+                    self.scope.cancel()
                     return
                 self.queued_bytes -= len(data)
                 if done is not None:
@@ -311,6 +313,7 @@ async def _serve_client(stream: trio.SocketStream, server: _Server) -> None:
         label = f"pid {pid} uid {uid}"
         session = _Session(stream, label, server)
         server.sessions.add(session)  # no checkpoint since the `closing` check
+        log.info("QMP client %s connected", label)
         try:
             # Shielded: on server shutdown, close_sessions() lets queued answers and
             # events (SHUTDOWN, ...) go out for up to close_grace seconds.
@@ -320,6 +323,7 @@ async def _serve_client(stream: trio.SocketStream, server: _Server) -> None:
             log.exception("QMP client %s: internal error; connection closed", label)
         finally:
             server.sessions.discard(session)
+            log.info("QMP client %s disconnected", label)
     finally:
         await trio.aclose_forcefully(stream)
 
