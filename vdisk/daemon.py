@@ -2,7 +2,9 @@
 
 Lifecycle: prepare the mount point (clear a stale vdisk mount), open every chain (locks
 taken), mount, run FUSE, then listen on the QMP socket (it appears only once the mount
-is live), and serve until SIGTERM, SIGINT, SIGHUP, QMP `quit` or an external unmount.
+is live), call `on_ready` (the pid file, a daemonizing parent's readiness pipe), and serve
+until SIGTERM, SIGINT, SIGHUP, QMP `quit` or an external unmount. SIGUSR1 calls
+`on_reopen` (the log file is reopened, for logrotate).
 Stopping: cancel block jobs, let in-flight FUSE requests finish, flush every drive, stop
 QMP, unmount, close the chains (locks released); the socket file is removed.
 
@@ -90,16 +92,44 @@ def _single(exc: BaseException) -> BaseException:
     return exc
 
 
+def _job_event_logger(emit: Callable[[str, dict[str, Any]], None]
+                      ) -> Callable[[str, dict[str, Any]], None]:
+    """emit, logging the end of every block job (and its errors) with its figures."""
+
+    def logged(name: str, data: dict[str, Any]) -> None:
+        where = f"{data.get('offset', 0)}/{data.get('len', 0)} bytes"
+        job = data.get("device", "?")
+        if name == "BLOCK_JOB_COMPLETED" and "error" in data:
+            log.error("job %s: ended with an error at %s: %s", job, where, data["error"])
+        elif name == "BLOCK_JOB_COMPLETED":
+            log.info("job %s: completed at %s", job, where)
+        elif name == "BLOCK_JOB_CANCELLED":
+            log.info("job %s: cancelled at %s", job, where)
+        elif name == "BLOCK_JOB_ERROR":
+            log.warning("job %s: %s error, action %s", job, data.get("operation"),
+                        data.get("action"))
+        emit(name, data)
+
+    return logged
+
+
 class Daemon:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        on_ready: Callable[[], None] | None = None,
+        on_reopen: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
+        self.on_ready = on_ready
+        self.on_reopen = on_reopen
         self.mount = resolve_mountpoint(config.mount)  # resolved now: never stat it once mounted
         self.qmp_path = os.path.abspath(config.qmp)
         self._drives: dict[str, Drive] = {}
         self.events = EventBus()
         self.registry = make_registry()
         register_block_jobs(self.registry)
-        self.jobs = JobManager(self.events.emit, self.spawn)
+        self.jobs = JobManager(_job_event_logger(self.events.emit), self.spawn)
         self.nursery: trio.Nursery | None = None  # background tasks (block jobs)
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = [self.jobs.cancel_all]
         self._quit = trio.Event()
@@ -209,7 +239,14 @@ class Daemon:
     async def _signals(self, receiver: Any) -> None:
         async for signum in receiver:
             name = signal.Signals(signum).name
-            if self._quit.is_set():
+            if signum == signal.SIGUSR1:
+                log.info("SIGUSR1 received: reopening the log file")
+                if self.on_reopen is not None:
+                    try:
+                        self.on_reopen()
+                    except Exception as e:  # e.g. the log directory is gone
+                        log.error("cannot reopen the log file: %s", e)
+            elif self._quit.is_set():
                 log.info("%s: already stopping", name)
             else:
                 log.info("%s received: stopping", name)
@@ -222,7 +259,7 @@ class Daemon:
         qmp_dir = os.path.realpath(os.path.dirname(self.qmp_path))
         if os.path.commonpath([qmp_dir, self.mount]) == self.mount:
             raise VdiskError(f"{self.qmp_path}: the QMP socket cannot be inside the mount point")
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         with trio.open_signal_receiver(*signals) as receiver:
             prepare_mountpoint(self.mount)
             self._open_drives()
@@ -248,6 +285,15 @@ class Daemon:
                             "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
                             self.mount, self.qmp_path,
                         )
+                        for drive in self._drives.values():
+                            log.info("%s", describe_drive(drive))
+                        if self.on_ready is not None:
+                            try:
+                                self.on_ready()
+                            except Exception as e:  # e.g. the pid file cannot be written
+                                log.error("%s", e)
+                                self.failed = True
+                                self.request_quit("host-error")
                         await self._quit.wait()
                         await self._stop()
                         root.cancel_scope.cancel()
@@ -294,6 +340,24 @@ class Daemon:
         self._drives.clear()
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the daemon to completion (blocks); errors as VdiskError/OSError."""
-    trio.run(Daemon(config).run)
+def describe_drive(drive: Drive) -> str:
+    """One log line on a served drive: image, format, size, chain depth, options."""
+    device, depth, img = drive.device, 0, drive.device.top.backing
+    while img is not None:
+        depth, img = depth + 1, img.backing
+    return (
+        f"drive {drive.id}: {drive.spec.file} ({device.top.format_name}, {device.size} bytes, "
+        f"{depth} backing image{'s' if depth != 1 else ''}, "
+        f"{'read-only' if device.read_only else 'read-write'}, "
+        f"copy-on-read {'on' if device.copy_on_read else 'off'})"
+    )
+
+
+def serve(
+    config: ServeConfig,
+    on_ready: Callable[[], None] | None = None,
+    on_reopen: Callable[[], None] | None = None,
+) -> None:
+    """Run the daemon to completion (blocks); errors as VdiskError/OSError. on_ready is
+    called once the mount is live and QMP listens; on_reopen on SIGUSR1."""
+    trio.run(Daemon(config, on_ready, on_reopen).run)

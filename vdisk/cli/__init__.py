@@ -17,6 +17,18 @@ from typing import NoReturn
 from vdisk import __version__
 from vdisk.errors import VdiskError
 
+EPILOG = """\
+examples:
+  vdisk create -f qcow2 -b base.raw -F raw top.qcow2
+  vdisk serve --daemonize --pidfile vdisk.pid --log-file vdisk.log \\
+      --mount mnt --qmp vdisk.sock --drive id=disk0,file=top.qcow2
+  vdisk qmp vdisk.sock block-stream device=disk0 speed=52428800
+  vdisk jobs vdisk.sock --watch
+  vdisk qmp vdisk.sock quit
+
+'vdisk COMMAND --help' shows each command's options and examples; docs/OPERATIONS.md
+covers running vdisk as a service.
+"""
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the culprit (exit 2)."""
@@ -30,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vdisk",
         description="Serve qcow2/raw backing chains as raw files over FUSE, with "
         "copy-on-read and live block streaming driven over QMP.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vdisk {__version__}")

@@ -142,8 +142,19 @@ def run(args: argparse.Namespace) -> int:
     return exit_code(result)
 
 
+EPILOG = """\
+examples:
+  vdisk check top.qcow2                 # report; exit 0 clean, 3 leaks, 2 corrupt
+  vdisk check -r leaks top.qcow2        # free leaked clusters
+  vdisk check -U --output json /srv/images/vm1.qcow2   # while it is served
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("check", help="check (and repair) a qcow2 image's metadata")
+    p = sub.add_parser(
+        "check", help="check (and repair) a qcow2 image's metadata",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("-f", "--format", help="image format (qcow2 or raw); probed if omitted")
     p.add_argument("-r", "--repair", choices=("leaks", "all"), help="repair leaks or everything")

@@ -119,8 +119,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG = """\
+examples:
+  vdisk create -f raw base.raw 64M
+  vdisk create -f qcow2 -b base.raw -F raw top.qcow2   # an overlay (size of the base)
+  vdisk create -f qcow2 -o cluster_size=64K,extended_l2=on big.qcow2 1T
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("create", help="create a new qcow2 or raw image")
+    p = sub.add_parser(
+        "create", help="create a new qcow2 or raw image",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-f", "--format", default="raw", help="qcow2 or raw (default raw)")
     p.add_argument("-b", "--backing", help="backing file name, stored as given")
     p.add_argument("-F", "--backing-format", help="backing file format; probed if omitted")

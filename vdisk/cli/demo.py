@@ -11,12 +11,19 @@ import argparse
 
 from vdisk.cli._common import parse_size
 
+EPILOG = """\
+examples:
+  vdisk demo                # the tour at 4 MB/s
+  vdisk demo --speed 16M    # faster
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "demo",
         help="a one-minute tour: build a chain, serve, stream live, verify, clean up",
         description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--speed", default="4M",

@@ -99,8 +99,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG = """\
+examples:
+  vdisk info top.qcow2
+  vdisk info --backing-chain --output json top.qcow2
+  vdisk info -U /srv/images/vm1.qcow2    # an image a running vdisk or QEMU holds
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("info", help="show an image's format, size and backing file")
+    p = sub.add_parser(
+        "info", help="show an image's format, size and backing file",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("-f", "--format", help="image format (qcow2 or raw); probed if omitted")
     p.add_argument("--backing-chain", action="store_true", help="show every image of the chain")

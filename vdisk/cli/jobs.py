@@ -16,8 +16,18 @@ POLL = 0.25  # seconds between queries while watching
 FINAL_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 
+EPILOG = """\
+examples:
+  vdisk jobs /run/vdisk/vm1/qmp.sock            # one line per job
+  vdisk jobs /run/vdisk/vm1/qmp.sock --watch    # progress bars until the jobs end
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("jobs", help="show the block jobs of a running daemon")
+    p = sub.add_parser(
+        "jobs", help="show the block jobs of a running daemon",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("socket", help="the daemon's QMP socket")
     p.add_argument("--watch", action="store_true", help="show progress until every job ends")
     p.set_defaults(func=run)

@@ -138,8 +138,18 @@ def run(args: argparse.Namespace) -> int:
         close_chain(top)
 
 
+EPILOG = """\
+examples:
+  vdisk map top.qcow2
+  vdisk map --output json --start-offset 1M --max-length 4M top.qcow2
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("map", help="show where each range of an image's data comes from")
+    p = sub.add_parser(
+        "map", help="show where each range of an image's data comes from",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("-f", "--format", help="image format (qcow2 or raw)")
     p.add_argument("--output", choices=("human", "json"), default="human")

@@ -20,12 +20,21 @@ from control.client import QMPClient
 from control.errors import QMPError
 from vdisk.errors import VdiskError
 
+EPILOG = """\
+examples:
+  vdisk qmp vdisk.sock query-block
+  vdisk qmp vdisk.sock block-stream device=disk0 speed=1048576
+  vdisk qmp vdisk.sock block-stream device=disk0 --wait-event BLOCK_JOB_COMPLETED
+  vdisk qmp vdisk.sock quit
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "qmp",
         help="run one QMP command on a vdisk control socket",
         description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("socket", metavar="SOCKET", help="the daemon's QMP socket")

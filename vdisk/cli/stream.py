@@ -26,11 +26,19 @@ from vdisk.errors import VdiskError
 REFRESH = 0.2  # seconds between progress updates
 
 
+EPILOG = """\
+examples:
+  vdisk stream top.qcow2                      # flatten the whole chain into top.qcow2
+  vdisk stream top.qcow2 --base golden.qcow2 --speed 50M
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "stream",
         help="copy the backing chain's data into an image and drop (or shorten) its chain",
         description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", help="the image to flatten (qcow2)")
