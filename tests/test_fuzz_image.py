@@ -32,7 +32,7 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 MASK = 0x00FF_FFFF_FFFF_FE00
 CASE_SECONDS = 10
-MEMORY_LIMIT = 3 << 30
+MEMORY_LIMIT = 1 << 30  # address space per worker
 READ_ALL_LIMIT = 16 << 20
 WRITE_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EFBIG, errno.EINVAL}
 
@@ -67,8 +67,8 @@ def build_corpus(d: Path) -> list[str]:
     qio(a, "write -P 8 64k 64k", "write -c -P 9 2M 64k")
 
     b = d / "v2-4k.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", b,
-        "2M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
+        "-b", "base.raw", "-F", "raw", b, "2M")
     qio(b, "write -P 10 0 64k", "write -c -P 11 64k 4k", "write -c -P 12 68k 4k",
         "write -P 13 1M 12k")
     run("qemu-img", "snapshot", "-c", "s", b)
@@ -308,21 +308,30 @@ def random_cases(name: str, L: Layout, n: int, seed: int) -> list[Case]:
     regions += [(o, cs) for o in L.l2s + L.refblocks[:1]]
     if L.nsnap:
         regions.append((L.snap_off, min(cs, len(L.data) - L.snap_off)))
+    # offsets worth pointing at: metadata, the end of file, an unaligned spot
+    fsize = len(L.data)
+    aims = [0, L.l1_off, L.rt_off, fsize, fsize - cs, (fsize + cs) & ~(cs - 1), 1 << 45,
+            *L.l2s, *L.refblocks, *([L.snap_off] if L.nsnap else [])]
     out = []
     for k in range(n):
         patches = []
-        for _ in range(rnd.randint(1, 4)):
+        for _ in range(rnd.randint(1, 6)):
             r = rnd.random()
             if r < 0.7:
                 base, ln = rnd.choice(regions)
                 pos = base + rnd.randrange(max(1, ln))
             else:
                 pos = rnd.randrange(len(L.data))
-            if rnd.random() < 0.5:
+            r = rnd.random()
+            if r < 0.4:
                 patches.append((pos, bytes([rnd.randrange(256)])))
-            else:
+            elif r < 0.7:
                 pos &= ~7
                 patches.append((pos, struct.pack(">Q", rnd.getrandbits(64))))
+            else:  # an entry aimed somewhere interesting, maybe unaligned or flagged
+                v = rnd.choice(aims) + rnd.choice([0, 0, 0, 8, 512, -cs])
+                v |= rnd.choice([0, COPIED, COPIED, COMPRESSED, 1])
+                patches.append((pos & ~7, struct.pack(">Q", v & (2**64 - 1))))
         guest = [rnd.randrange(0, max(1, L.size)) & ~511 for _ in range(3)]
         out.append(Case(name, f"random #{k}", patches, None, guest, seed * 1000 + k))
     return out
@@ -566,7 +575,7 @@ def test_random_damage(corpus: tuple[Path, list[str]]) -> None:
     d, names = corpus
     cases = []
     for k, n in enumerate(names):
-        cases += random_cases(n, parse((d / n).read_bytes()), 60, 1234 + k)
+        cases += random_cases(n, parse((d / n).read_bytes()), 200, 1234 + k)
     failures = _run_all(d, cases)
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures[:30])
 
