@@ -277,7 +277,7 @@ def test_enospc_through_fuse(tmp_path: Path) -> None:
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 128k", top)
         want = bytearray(guest_view(top, tmp_path))
         filler = fill(small)
-        with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as srv:
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=on") as srv:
             fd = os.open(srv.path("d0"), os.O_RDWR)
             try:
                 with pytest.raises(OSError) as ei:  # needs new clusters
@@ -289,6 +289,7 @@ def test_enospc_through_fuse(tmp_path: Path) -> None:
                 # in-place overwrites need no space and keep working
                 assert os.pwrite(fd, b"\x44" * 4096, MiB + 4096) == 4096
                 want[MiB + 4096:MiB + 8192] = b"\x44" * 4096
+                # reads of everything keep working (copy-on-read fails, the read does not)
                 got = b"".join(os.pread(fd, 4 * MiB, o) for o in range(0, 32 * MiB, 4 * MiB))
                 assert got == bytes(want)
                 filler.unlink()  # space again: writes work again
@@ -299,6 +300,7 @@ def test_enospc_through_fuse(tmp_path: Path) -> None:
             finally:
                 os.close(fd)
             assert srv.stop() == 0, srv.stderr
+        assert "copy-on-read failed" in srv.stderr and "No space" in srv.stderr
         rc, out = qemu_check(top)
         assert rc == 0, out
         assert guest_view(top, tmp_path) == bytes(want)
