@@ -1,0 +1,107 @@
+"""Start, stop and kill `vdisk serve` (python -m vdisk), and clear mounts it leaves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 60.0
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    for _ in range(5):
+        if not is_mounted(path):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def _listening(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+class StartError(Exception):
+    pass
+
+
+class Served:
+    """One `vdisk serve` process serving drive d0."""
+
+    def __init__(self, top: Path, mount: Path, qmp: Path, log: Path, *, copy_on_read: bool) -> None:
+        self.mount = mount
+        self.qmp = qmp
+        self.log = log
+        drive = f"id=d0,file={top},copy-on-read={'on' if copy_on_read else 'off'}"
+        with open(log, "ab") as f:
+            f.write(f"--- serve {drive}\n".encode())
+            f.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vdisk", "serve", "--mount", str(mount), "--qmp", str(qmp),
+                 "--drive", drive], cwd=ROOT, stdout=f, stderr=f, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not _listening(qmp):
+                if self.proc.poll() is not None:
+                    raise StartError(
+                        f"vdisk serve exited with {self.proc.returncode}: {self.tail()}")
+                if time.monotonic() > deadline:
+                    raise StartError(
+                        f"vdisk serve did not start in {START_TIMEOUT}s: {self.tail()}")
+                time.sleep(0.02)
+        except BaseException:  # also Ctrl-C: never leave the daemon behind
+            self.kill()
+            raise
+
+    @property
+    def drive(self) -> Path:
+        return self.mount / "d0"
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def terminate(self) -> int:
+        """SIGTERM and wait; the exit status (-9 if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
