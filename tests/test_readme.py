@@ -60,6 +60,14 @@ def _loops_in(folder: Path) -> list[str]:
     return [line.split()[0] for line in res.stdout.splitlines() if str(folder) in line]
 
 
+def _daemons_in(folder: Path) -> list[int]:
+    """Live processes named by pid files in folder (the daemonized vdisk serve)."""
+    from vdisk.pidfile import process_alive, read_pid
+
+    pids = (read_pid(str(p)) for p in folder.rglob("*.pid"))
+    return [pid for pid in pids if pid is not None and pid > 0 and process_alive(pid)]
+
+
 def _cleanup(folder: Path) -> None:
     """Whatever a failed run left: mounts (innermost first), loop devices, the daemon."""
     for point in sorted(_mounts_in(folder), key=len, reverse=True):
@@ -67,13 +75,13 @@ def _cleanup(folder: Path) -> None:
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     for loop in _loops_in(folder):
         subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
-    for pid in _procs_in(folder):
+    for pid in _procs_in(folder) + _daemons_in(folder):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 20
-    while _procs_in(folder) and time.monotonic() < deadline:
+    while (_procs_in(folder) or _daemons_in(folder)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for point in _mounts_in(folder):
         subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
@@ -90,8 +98,13 @@ def test_readme_has_a_quick_start() -> None:
     assert "The test command is `scripts/test`." in README.read_text()
     for name in ("run", "test", "setup"):
         assert os.access(ROOT / "scripts" / name, os.X_OK), name
-    for doc in re.findall(r"\]\((docs/[^)]+)\)", README.read_text()):
+    for link in re.findall(r"\]\((docs/[^)]+)\)", README.read_text()):
+        doc, _, anchor = link.partition("#")
         assert (ROOT / doc).is_file(), doc
+        if anchor:  # GitHub's heading slugs
+            headings = re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor in slugs, link
 
 
 @needs_root_and_loop
@@ -117,6 +130,12 @@ def test_readme_quick_start_runs(tmp_path: Path) -> None:
     try:
         work = tmp_path / "vdisk-try"
         assert not _mounts_in(tmp_path) and not _loops_in(tmp_path) and not _procs_in(tmp_path)
+        assert not (work / "vdisk.pid").exists()  # removed by the daemon as it stopped
+        log = (work / "vdisk.log").read_text()
+        for line in ("serving disk0", "job disk0: completed", "stopping: host-qmp-quit",
+                     "stopped"):
+            assert line in log, (line, log)
+        assert "WARNING" not in log and "Traceback" not in log, log
         cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
                               str(work / "top.qcow2"), str(work / "base.raw")],
                              capture_output=True, text=True, check=False)
@@ -150,16 +169,19 @@ def test_qmp_doc_names_every_registered_command_and_argument() -> None:
         assert f'"{event}"' in sources, event
 
 
-def _unit_commands(instance: str) -> dict[str, list[str]]:
-    """docs/vdisk@.service's Exec* lines, with %i replaced (the '-' prefix dropped) and the
-    documented install path of vdisk replaced by this venv's."""
-    commands: dict[str, list[str]] = {}
+def _unit_lines(instance: str, run_dir: Path, conf: Path) -> dict[str, str]:
+    """docs/vdisk@.service's settings, with %i replaced, the documented paths swapped for
+    test ones (run directory, config file, install path of vdisk) and '-' prefixes
+    dropped."""
+    lines: dict[str, str] = {}
     for line in (ROOT / "docs" / "vdisk@.service").read_text().splitlines():
         key, sep, value = line.partition("=")
-        if sep and key.startswith("Exec"):
+        if sep and not line.startswith("#"):
             value = value.removeprefix("-").replace("%i", instance)
-            commands[key] = [value.replace(INSTALLED, str(Path(sys.executable).parent / "vdisk"))]
-    return commands
+            value = value.replace(f"/run/vdisk/{instance}", str(run_dir))
+            value = value.replace(f"/etc/vdisk/{instance}.toml", str(conf))
+            lines[key] = value.replace(INSTALLED, str(Path(sys.executable).parent / "vdisk"))
+    return lines
 
 
 def _systemd_words(command: str, env: dict[str, str]) -> list[str]:
@@ -175,46 +197,61 @@ def _systemd_words(command: str, env: dict[str, str]) -> list[str]:
     return words
 
 
-def _conf_from_unit_comment() -> dict[str, str]:
+def _toml_from_unit_comment() -> str:
+    """The example /etc/vdisk/vm1.toml in the unit's header comment."""
     text = (ROOT / "docs" / "vdisk@.service").read_text()
-    return dict(re.findall(r"^#\s+([A-Z_]+)=(.*)$", text, flags=re.M))
+    return "".join(f"{m}\n" for m in re.findall(r"^#       (\S.*)$", text, flags=re.M))
+
+
+def _wait_gone(pid: int) -> None:
+    from vdisk.pidfile import process_alive
+
+    deadline = time.monotonic() + 30
+    while process_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still running"
+        time.sleep(0.05)
 
 
 def test_systemd_unit_serves_stops_and_clears_a_crash(tmp_path: Path) -> None:
-    """The unit's commands, run as systemd would (its documented paths swapped for tmp)."""
+    """The unit's commands, run as systemd would (its documented paths swapped for tmp):
+    Type=forking, so ExecStart returns once serving, and PIDFile= names the daemon."""
     from serving import force_unmount, is_mounted
 
-    conf = _conf_from_unit_comment()
-    assert set(conf) == {"IMAGE", "VDISK_OPTS", "DRIVE_OPTS"}
+    toml = _toml_from_unit_comment()
+    assert 'file = "/srv/images/vm1.qcow2"' in toml
     image = tmp_path / "vm1.qcow2"
+    conf = tmp_path / "vm1.toml"
+    conf.write_text(toml.replace("/srv/images/vm1.qcow2", str(image)))
     subprocess.run([sys.executable, "-m", "vdisk", "create", "-f", "qcow2", str(image), "8M"],
                    check=True, capture_output=True)
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
-    env = {**os.environ, **conf, "RUNTIME_DIRECTORY": str(run_dir), "IMAGE": str(image)}
-    cmds = _unit_commands("vm1")
-    start = _systemd_words(cmds["ExecStart"][0], env)
-    post = _systemd_words(cmds["ExecStartPost"][0], env)
-    stop_post = _systemd_words(cmds["ExecStopPost"][0], env)
+    unit = _unit_lines("vm1", run_dir, conf)
+    assert unit["Type"] == "forking" and unit["ConditionPathExists"] == str(conf)
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(run_dir)}
+    start = _systemd_words(unit["ExecStart"], env)
+    stop_post = _systemd_words(unit["ExecStopPost"], env)
+    pidfile = Path(unit["PIDFile"])
     mnt = run_dir / "mnt"
-    for crash in (True, False):  # the second start finds the crash's stale socket
-        proc = subprocess.Popen(start, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            subprocess.run(post, env=env, check=True, timeout=20)
+    pid = 0
+    try:
+        for crash in (True, False):  # the second start finds the crash's stale pid file
+            res = subprocess.run(start, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            pid = int(pidfile.read_text())
             assert stat.S_ISSOCK((run_dir / "qmp.sock").stat().st_mode)
             assert (mnt / "vm1").stat().st_size == 8 << 20
-            if crash:
-                proc.kill()
-            else:
-                proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=30)
-            assert rc == (-signal.SIGKILL if crash else 0), proc.stderr.read() if proc.stderr else ""
+            os.kill(pid, signal.SIGKILL if crash else signal.SIGTERM)
+            _wait_gone(pid)
             assert is_mounted(mnt) == crash  # a clean stop unmounts; a crash leaves it dead
+            assert pidfile.exists() == crash  # a clean stop removes it
             subprocess.run(stop_post, env=env, check=True, timeout=20)
             assert not is_mounted(mnt)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            force_unmount(mnt)
+    finally:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        force_unmount(mnt)
