@@ -178,11 +178,8 @@ def test_daemonize_startup_errors(tmp_path: Path, daemons: Daemons) -> None:
     res = _vdisk("serve", "--daemonize", "--ready-timeout", "0.001", "--pidfile", pidfile,
                  "--mount", mnt, "--qmp", sock, "--drive", f"id=d0,file={top}")
     assert res.returncode == 1 and "was not ready after" in res.stderr, res.stderr
-    deadline = time.monotonic() + 20
-    while locked_bytes(top) or is_mounted(mnt):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert not pidfile.exists()
+    _wait_gone(int(res.stderr.split("(pid ")[1].split(")")[0]))
+    assert not is_mounted(mnt) and locked_bytes(top) == [] and not pidfile.exists()
 
 
 def test_pidfile_live_refuses_stale_replaced(tmp_path: Path, daemons: Daemons) -> None:

@@ -287,7 +287,7 @@ class Daemon:
                         )
                         for drive in self._drives.values():
                             log.info("%s", describe_drive(drive))
-                        if self.on_ready is not None:
+                        if self.on_ready is not None and not self._quit.is_set():
                             try:
                                 self.on_ready()
                             except Exception as e:  # e.g. the pid file cannot be written

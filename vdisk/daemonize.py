@@ -2,8 +2,8 @@
 
 Called before trio starts and before any image is opened. The caller forks; the child
 starts a new session (setsid) and forks again, so the daemon is no session leader and
-can never get a controlling terminal. The daemon reports over a pipe: "PID n" at once,
-then "OK" once the mount is live and QMP answers, or "ERR message" if start-up failed.
+can never get a controlling terminal. The intermediate child reports the daemon's pid
+over a pipe ("PID n") before it exits; the daemon then reports "OK" once the mount is live and QMP answers, or "ERR message" if start-up failed.
 The caller waits for that (at most `timeout` seconds; on timeout it stops the daemon
 with SIGTERM) and exits 0 or with the daemon's one-line error.
 """
@@ -74,13 +74,13 @@ def _read_reports(fd: int, timeout: float) -> tuple[list[str], bool]:
 def _wait_for_daemon(fd: int, child: int, timeout: float) -> None:
     """The caller's side: return once the daemon is ready, else raise VdiskError."""
     try:
+        try:
+            os.waitpid(child, 0)  # the intermediate child exits at once, "PID n" written
+        except ChildProcessError:
+            pass
         lines, timed_out = _read_reports(fd, timeout)
     finally:
         os.close(fd)
-        try:
-            os.waitpid(child, 0)  # the intermediate child exits at once
-        except ChildProcessError:
-            pass
     pid = next((int(x[4:]) for x in lines if x.startswith("PID ") and x[4:].isdigit()), None)
     for line in lines:
         if line == "OK":
@@ -115,7 +115,9 @@ def daemonize(stdio_fd: int | None, timeout: float = READY_TIMEOUT) -> Readiness
     try:
         os.close(rfd)
         os.setsid()
-        if os.fork():
+        daemon = os.fork()
+        if daemon:
+            os.write(wfd, f"PID {daemon}\n".encode())
             os._exit(0)
         os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -124,8 +126,6 @@ def daemonize(stdio_fd: int | None, timeout: float = READY_TIMEOUT) -> Readiness
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.close(devnull)
-        readiness = Readiness(wfd)
-        readiness._send(f"PID {os.getpid()}")
-        return readiness
+        return Readiness(wfd)
     except BaseException:
         os._exit(1)  # never return into the caller's code from a half-made child
