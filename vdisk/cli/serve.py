@@ -26,7 +26,7 @@ from vdisk.config import FileConfig, drive_id_problem, load_config
 from vdisk.daemon import DriveSpec, ServeConfig, serve
 from vdisk.daemonize import READY_TIMEOUT, Readiness, daemonize
 from vdisk.errors import VdiskError
-from vdisk.logsetup import DESTINATIONS, LEVELS, Logs, setup_logging
+from vdisk.logsetup import DESTINATIONS, LEVELS, JournalHandler, Logs, setup_logging
 from vdisk.pidfile import check_pidfile, check_writable, remove_pidfile, write_pidfile
 
 log = logging.getLogger("vdisk")
@@ -220,6 +220,8 @@ def _serve(s: Settings, logs: Logs, readiness: Readiness | None) -> int:
         serve(s.config, on_ready, logs.reopen)
     except (VdiskError, OSError) as e:
         if readiness is None:
+            if logs.file is not None or isinstance(logs.handler, JournalHandler):
+                log.error("%s", error_line(e))  # in the log too, not only on stderr
             raise  # in the foreground, vdisk.cli prints it
         log.error("%s", error_line(e))
         readiness.failed(error_line(e))
