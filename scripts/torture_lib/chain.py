@@ -53,8 +53,9 @@ def convert(top: Path, dest: Path) -> bytes:
     return data
 
 
-def check(path: Path, repair_leaks: bool = False) -> tuple[int, str]:
-    """qemu-img check's exit code (0 clean, 2 corrupt, 3 leaks) and output."""
+def check(path: Path, repair_leaks: bool = False) -> tuple[int, str, list[int]]:
+    """qemu-img check's exit code (0 clean, 2 corrupt, 3 leaks), its output (shortened)
+    and the leaked clusters it lists."""
     args = ["qemu-img", "check"]
     if repair_leaks:
         args += ["-r", "leaks"]
@@ -62,7 +63,9 @@ def check(path: Path, repair_leaks: bool = False) -> tuple[int, str]:
     lines = (res.stdout + res.stderr).strip().splitlines()
     listed = [ln for ln in lines if ln.startswith(("Leaked cluster", "ERROR cluster"))]
     rest = [ln for ln in lines if ln not in listed]
-    return res.returncode, "\n".join(listed[:5] + [f"({len(listed)} clusters listed)"] + rest)
+    leaked = [int(ln.split()[2]) for ln in listed if ln.startswith("Leaked cluster")]
+    text = "\n".join(listed[:5] + [f"({len(listed)} clusters listed)"] + rest)
+    return res.returncode, text, leaked
 
 
 class ChainBuilder:
@@ -74,6 +77,19 @@ class ChainBuilder:
 
     def _cluster(self, rng: random.Random) -> int:
         return rng.choices(CLUSTER_SIZES, CLUSTER_WEIGHTS)[0]
+
+    def _opts(self, rng: random.Random) -> str:
+        """Random qcow2 creation options: cluster size, sometimes extended L2, an odd
+        refcount width, or compat=0.10 (version 2)."""
+        cs = self._cluster(rng)
+        r = rng.random()
+        if r < 0.1:
+            return f"cluster_size={cs},compat=0.10"
+        if r < 0.25 and cs >= 16 * KiB:
+            return f"cluster_size={cs},extended_l2=on"
+        if r < 0.45:
+            return f"cluster_size={cs},refcount_bits={rng.choice([1, 2, 4, 8, 32, 64])}"
+        return f"cluster_size={cs}"
 
     def _ranges(self, rng: random.Random, count: int, max_len: int) -> list[tuple[int, int]]:
         out = []
@@ -94,8 +110,8 @@ class ChainBuilder:
         if raw_base:
             run("qemu-img", "create", "-q", "-f", "raw", base, str(self.size))
         else:
-            run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                f"cluster_size={self._cluster(rng)}", base, str(self.size))
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-o", self._opts(rng), base,
+                str(self.size))
         src = self.dir / "random.bin"
         src.write_bytes(rng.randbytes(4 * MiB))
         cmds = []
@@ -142,7 +158,7 @@ class ChainBuilder:
         path = self.dir / f"c{self.generation}-l{self.layers_made}.qcow2"
         name = str(below) if rng.random() < 0.3 else below.name
         run("qemu-img", "create", "-q", "-f", "qcow2", "-b", name, "-F", below_fmt, "-o",
-            f"cluster_size={self._cluster(rng)}", path, str(self.size), cwd=self.dir)
+            self._opts(rng), path, str(self.size), cwd=self.dir)
         if fill:
             cmds = self._compressed(rng, path) if rng.random() < 0.3 else []
             for off, length in self._ranges(rng, rng.randint(2, 6), 2 * MiB):

@@ -92,9 +92,10 @@ def check_view(ref: bytes, view: bytes, logs: list[WorkerLog], *, clean: bool,
             for t in range(prev, s):
                 lo, hi = t * SECTOR, (t + 1) * SECTOR
                 if view[lo:hi] != ref[lo:hi] and len(out) < limit:
+                    at = lo + next(i for i in range(SECTOR) if view[lo + i] != ref[lo + i])
                     out.append(Mismatch(lo, None, f"sector at {lo} changed but no worker wrote it "
-                                                  f"(got {view[lo:lo + 16].hex()}, "
-                                                  f"want {ref[lo:lo + 16].hex()})"))
+                                                  f"(first at {at}: got {view[at:at + 8].hex()}, "
+                                                  f"want {ref[at:at + 8].hex()})"))
         prev = s + 1
     for s in touched:
         vs = versions[s]

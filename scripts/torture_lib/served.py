@@ -48,17 +48,19 @@ class StartError(Exception):
 class Served:
     """One `vdisk serve` process serving drive d0."""
 
-    def __init__(self, top: Path, mount: Path, qmp: Path, log: Path, *, copy_on_read: bool) -> None:
+    def __init__(self, top: Path, mount: Path, qmp: Path, log: Path, *, copy_on_read: bool,
+                 engine_threads: bool = False) -> None:
         self.mount = mount
         self.qmp = qmp
         self.log = log
         drive = f"id=d0,file={top},copy-on-read={'on' if copy_on_read else 'off'}"
+        extra = ["--engine-threads"] if engine_threads else []
         with open(log, "ab") as f:
-            f.write(f"--- serve {drive}\n".encode())
+            f.write(f"--- serve {drive} {' '.join(extra)}\n".encode())
             f.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vdisk", "serve", "--mount", str(mount), "--qmp", str(qmp),
-                 "--drive", drive], cwd=ROOT, stdout=f, stderr=f, stdin=subprocess.DEVNULL,
+                 "--drive", drive, *extra], cwd=ROOT, stdout=f, stderr=f, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         try:
             deadline = time.monotonic() + START_TIMEOUT

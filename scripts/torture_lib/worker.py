@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import mmap
 import os
 import random
 import sys
@@ -30,6 +31,8 @@ from typing import Any
 SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+DIRECT_ALIGN = 4096
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -40,10 +43,14 @@ def gen_data(dseed: int, length: int) -> bytes:
     return random.Random(dseed).randbytes(length)
 
 
-def punch_hole(fd: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length) != 0:
+def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, off, length) != 0:
         e = ctypes.get_errno()
-        raise OSError(e, f"fallocate: {os.strerror(e)}")
+        raise OSError(e, f"fallocate({mode:#x}): {os.strerror(e)}")
+
+
+def punch_hole(fd: int, off: int, length: int) -> None:
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
 
 
 def first_diff(a: bytes, b: bytes) -> int:
@@ -64,6 +71,8 @@ class Worker:
         self.others: list[list[int]] = p["others"]
         self.deadline = time.monotonic() + p["max_seconds"]
         self.pace: float = p["pace"]
+        self.use_direct: bool = p.get("direct", True)
+        self.dfd = -1
         with open(p["ref"], "rb") as f:
             self.model = bytearray(f.read())
         self.seq = 0
@@ -90,13 +99,30 @@ class Worker:
             off = self.rng.randint(start, end - length)
         return off, length
 
+    def _direct(self, off: int, length: int) -> tuple[int, int] | None:
+        """The range aligned for O_DIRECT (None if nothing aligned is left), sometimes."""
+        if self.dfd < 0 or self.rng.random() >= 0.25:
+            return None
+        lo = -(-off // DIRECT_ALIGN) * DIRECT_ALIGN
+        hi = (off + length) // DIRECT_ALIGN * DIRECT_ALIGN
+        return (lo, hi - lo) if hi > lo else None
+
     def write(self, fd: int) -> None:
         off, length = self._range_in(self.rng.choice(self.owned), 256 << 10)
+        direct = self._direct(off, length)
+        if direct:
+            off, length = direct
         self.seq += 1
         dseed = self.rng.getrandbits(63)
         data = gen_data(dseed, length)
         self.send("W", self.seq, off, length, dseed)
-        n = os.pwrite(fd, data, off)
+        if direct:
+            buf = mmap.mmap(-1, length)
+            buf[:] = data
+            n = os.pwritev(self.dfd, [buf], off)
+            buf.close()
+        else:
+            n = os.pwrite(fd, data, off)
         if n != length:
             raise OSError(errno.EIO, f"short write: {n} of {length} bytes")
         self.model[off : off + length] = data
@@ -108,7 +134,10 @@ class Worker:
         off, length = self._range_in(self.rng.choice(self.owned), 128 << 10)
         self.seq += 1
         self.send("Z", self.seq, off, length)
-        punch_hole(fd, off, length)
+        if self.rng.random() < 0.3:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, off, length)
+        else:
+            punch_hole(fd, off, length)
         self.model[off : off + length] = bytes(length)
         self.send("A", self.seq)
         self.stats["punches"] += 1
@@ -124,7 +153,15 @@ class Worker:
             self.unowned if (r < 0.85 and self.unowned) or not self.others else self.others)
         region = self.rng.choice(pool)
         off, length = self._range_in(region, 256 << 10)
-        data = os.pread(fd, length, off)
+        direct = self._direct(off, length)
+        if direct:
+            off, length = direct
+            buf = mmap.mmap(-1, length)
+            n = os.preadv(self.dfd, [buf], off)
+            data = buf[:n]
+            buf.close()
+        else:
+            data = os.pread(fd, length, off)
         self.stats["reads"] += 1
         if pool is self.others:
             if len(data) != length:
@@ -144,6 +181,7 @@ class Worker:
 
     def run(self) -> None:
         fd = os.open(self.path, os.O_RDWR)
+        self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT) if self.use_direct else -1
         ops = [self.write, self.read, self.fsync, self.punch]
         weights = [45, 30, 10, 15]
         try:
@@ -158,10 +196,12 @@ class Worker:
                 if self.pace:
                     time.sleep(self.rng.uniform(0, self.pace))
         finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            for f in (fd, self.dfd):
+                try:
+                    if f >= 0:
+                        os.close(f)
+                except OSError:
+                    pass
             self.send("S", self.stats)
 
 
