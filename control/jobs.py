@@ -34,6 +34,10 @@ log = logging.getLogger("vdisk.jobs")
 # each step blocks the event loop for longer as it grows (user 4 KiB I/O done meanwhile
 # drops from ~175 to ~57 ops at 1 ms spacing). 512 KiB keeps user I/O flowing.
 CHUNK = 512 << 10
+# Unthrottled and with no user I/O in flight, a step copies this much instead (fewer
+# per-step status lookups and scheduler passes; a request arriving meanwhile waits for
+# at most one such step, ~2-4 ms, and the next step is CHUNK again).
+IDLE_CHUNK = 4 << 20
 YIELD_PASSES = 2  # scheduler passes between chunks
 YIELD_MAX = 0.002  # seconds a chunk waits at most for in-flight user I/O
 MAX_WINDOW = 1 << 40  # largest status query while skipping
@@ -147,6 +151,7 @@ class StreamJob:
         self._status_fn = status_fn or self._default_status
         self._on_finish = on_finish
         self._chunk = max(chunk, device.top.cluster_size)
+        self._idle_chunk = max(IDLE_CHUNK, self._chunk) if chunk == CHUNK else self._chunk
         self._limiter = RateLimiter(speed)
         self._wake = trio.Event()
         self.done = trio.Event()
@@ -214,7 +219,7 @@ class StreamJob:
         cluster = self.device.top.cluster_size
         quota = self._limiter.quota()
         if quota == 0:
-            return self._chunk
+            return self._chunk if getattr(self.device, "io_busy", False) else self._idle_chunk
         return max(cluster, min(self._chunk, quota // cluster * cluster))
 
     async def _checkpoint(self) -> bool:
@@ -276,7 +281,8 @@ class StreamJob:
         while self.offset < self.len:
             if not await self._checkpoint():
                 return
-            ask = min(window, self.len - self.offset)
+            step = self._step_size()
+            ask = min(max(window, step), self.len - self.offset)
             run, depth, status = await self._status_fn(self.offset, ask)
             run = max(1, min(run, ask))
             needs_copy = self._needs_copy(depth, status)
@@ -285,7 +291,7 @@ class StreamJob:
             elif run == ask:
                 window = min(window * 4, MAX_WINDOW)
             if needs_copy:
-                run = min(run, self._step_size())
+                run = min(run, step)
                 try:
                     copied = await self.device.copy_up(self.offset, run, base=self.base)
                 except OSError as exc:
@@ -311,9 +317,11 @@ class StreamJob:
                 self.error = self.error or error_text(exc)
             if self.cancel_requested:
                 self.status = "aborting"
+                await self._keep_copied()
                 final = ("BLOCK_JOB_CANCELLED", self._event_data())
             elif self.error is not None:
                 self.status = "aborting"
+                await self._keep_copied()
                 final = ("BLOCK_JOB_COMPLETED", self._event_data(error=self.error))
             else:
                 self.status = "pending"
@@ -331,6 +339,16 @@ class StreamJob:
                 self._on_finish(self)
             self._emit(*final)
             self.done.set()
+
+    async def _keep_copied(self) -> None:
+        """A job ending early still flushes what it copied (the top's metadata is a
+        write-back cache): the copies are on disk when the final event is sent."""
+        if not self.copied:
+            return
+        try:
+            await self.device.flush()
+        except OSError as exc:
+            log.warning("job %s: flushing the copied data failed: %s", self.id, exc)
 
     async def _finish(self) -> None:
         """Flush what was copied, then repoint the header and switch the live chain."""

@@ -88,3 +88,29 @@ def test_power_loss_subsets(tmp_path: Path, cs: int, compat: str, rbits: int) ->
                 for _ in range(2):
                     rec.check_crash()
     assert rec.crashes >= 60
+
+
+def test_power_loss_with_l2_evictions(tmp_path: Path) -> None:
+    """A 2-table L2 cache: dirty tables are written back on eviction, mid-request."""
+    size = 4 << 20
+    p = tmp_path / "p.qcow2"
+    create_qcow2(str(p), size, cluster_size=512, refcount_bits=16)
+    rnd = random.Random(77)
+    model = bytearray(size)
+    with open_qcow2(str(p), read_only=False) as img:
+        img.l2_cache.capacity = 2
+        rec = Recorder(img, p, rnd, tmp_path)
+        for step in range(100):
+            off = rnd.randrange(0, size - 1)
+            n = rnd.randrange(1, min(size - off, rnd.choice([2000, 40000])) + 1)
+            if rnd.random() < 0.75:
+                d = rnd.randbytes(n)
+                img.write(off, d)
+                model[off:off + n] = d
+            else:
+                img.write_zeroes(off, n, unmap=rnd.random() < 0.6)
+                model[off:off + n] = bytes(n)
+            if step % 5 == 4:
+                rec.check_crash()
+        assert img.read(0, size) == model
+    assert rec.crashes >= 20

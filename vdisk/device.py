@@ -107,14 +107,13 @@ class BlockDevice:
     def _next_copy(self, off: int, end: int, base: Image | None) -> tuple[int, Status | None]:
         """(run, what to do) at off: DATA/ZERO to copy the run up, None to skip it."""
         top = self.top
-        ext = top.layer_status(off, end - off)
-        if ext.status is not Status.UNALLOCATED:
-            return ext.length, None
-        run, depth, status = chain_status(top, off, min(ext.length, COPY_PIECE), base=base)
-        if not depth:  # None: no layer above base holds it (0, the top, cannot be)
+        run, depth, status = chain_status(top, off, min(end - off, COPY_PIECE), base=base)
+        if not depth:  # 0: the top holds it; None: no layer above base holds it
             return run, None
-        if status is Status.DATA:
-            # whole top clusters: a partial one would be completed by COW anyway
+        if status is Status.DATA and (off + run) % max(top.cluster_size, 512):
+            # whole top clusters: a partial one would be completed by COW anyway. Only up
+            # to where the top's own unallocated run ends (extended L2: subclusters).
+            ext = top.layer_status(off, end - off)
             cs = max(top.cluster_size, 512)
             run = min(-(-(off + run) // cs) * cs, off + ext.length, end) - off
         return run, status
@@ -150,6 +149,18 @@ class BlockDevice:
                         self.drive_id, e)
 
     # -- public API -----------------------------------------------------------------
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """The read done right here, when it needs nothing async: no copy-on-read, no
+        engine call in flight, engine calls inline. None: use read()."""
+        if self._engine_threads or self._closed or self._engine_lock.locked():
+            return None
+        top = self.top
+        if self.copy_on_read and top.backing is not None:
+            return None
+        if offset < 0 or length < 0 or offset + length > self.size:
+            return None
+        return top.read(offset, length) if length else b""
 
     async def read(self, offset: int, length: int) -> bytes:
         """The guest view of the range (short only at the end of the device)."""
