@@ -18,6 +18,7 @@ the details name the seed and cycle (rerun with --seed to reproduce the same cho
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -43,6 +44,14 @@ SCRIPTS = Path(__file__).resolve().parent
 STREAM_EVERY = 3  # every Nth cycle runs a stream to completion
 CHAIN_LIFE = 8  # a fresh chain after about this many cycles
 MAX_DETAILS = 25  # failure lines printed
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Failure(Exception):
@@ -224,7 +233,10 @@ class Torture:
     def stop_daemon(self, kind: str, qmp: Qmp | None) -> None:
         srv = self.served
         assert srv is not None
-        if kind == "kill":
+        if kind in ("kill", "term+kill"):
+            if kind == "term+kill":  # SIGKILL while the clean stop is under way
+                srv.proc.send_signal(signal.SIGTERM)
+                time.sleep(self.rng.uniform(0, 0.05))
             srv.kill()
             self.summary.sigkills += 1
             return
@@ -336,9 +348,10 @@ class Torture:
         rng = random.Random(cseed)
         self.prepare_chain(rng)
         chain = self.chain_paths()
+        below = {p: sha256(p) for p in chain[1:]}  # backing files: read-only to the daemon
         cor = rng.random() < 0.7
         threads = rng.random() < 0.3  # every engine call in a worker thread: more interleaving
-        kind = rng.choices(["kill", "term", "quit"], [6, 2, 2])[0]
+        kind = rng.choices(["kill", "term+kill", "term", "quit"], [5, 1, 2, 2])[0]
         self.say(f"seed {cseed}: {len(chain)} layers, copy-on-read {cor}, threads {threads}, "
                  f"{'stream to the end, ' if completion else ''}then {kind}")
         srv = self.start_daemon(cor, threads)
@@ -370,8 +383,12 @@ class Torture:
         self.stop_daemon(kind, qmp)
         qmp.close()
         logs = self.collect_workers(t_stop)
-        self.check_images(killed=kind == "kill")
-        self.verify_view(logs, clean=kind != "kill")
+        killed = kind in ("kill", "term+kill")
+        self.check_images(killed=killed)
+        self.verify_view(logs, clean=not killed)
+        for path, digest in below.items():
+            if sha256(path) != digest:
+                self.fail(f"{path.name} changed: the daemon wrote to a backing file")
         if streamed_to is not None:
             on_disk = self.chain_paths()
             if [p.resolve() for p in on_disk] != [p.resolve() for p in streamed_to]:
