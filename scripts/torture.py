@@ -349,11 +349,13 @@ class Torture:
         self.prepare_chain(rng)
         chain = self.chain_paths()
         below = {p: sha256(p) for p in chain[1:]}  # backing files: read-only to the daemon
+        race = rng.random() < 0.35
         cor = rng.random() < 0.7
         threads = rng.random() < 0.3  # every engine call in a worker thread: more interleaving
         kind = rng.choices(["kill", "term+kill", "term", "quit"], [5, 1, 2, 2])[0]
         self.say(f"seed {cseed}: {len(chain)} layers, copy-on-read {cor}, threads {threads}, "
-                 f"{'stream to the end, ' if completion else ''}then {kind}")
+                 f"{'stream to the end, ' if completion else ''}"
+                 f"{'(racing the stop) ' if completion and race else ''}then {kind}")
         srv = self.start_daemon(cor, threads)
         self.check_through_mount(rng, full=not cor and rng.random() < 0.3)
         qmp = Qmp(self.qmp_path)
@@ -361,13 +363,19 @@ class Torture:
         self.start_workers(rng)
         streamed_to: list[Path] | None = None
         try:
-            if completion:
+            if completion and race:  # stop at a random point of a full-speed stream
+                time.sleep(rng.uniform(0, 0.3))
+                ctl.start(speed=0)
+                time.sleep(rng.uniform(0, 0.6))
+            elif completion:
                 time.sleep(rng.uniform(0, 0.5))
                 if ctl.run_to_end(timeout=300):
                     streamed_to = ctl.chain
                 time.sleep(rng.uniform(0.1, 1.0))
             else:
-                until = time.monotonic() + rng.uniform(0.5, self.args.max_cycle)
+                short = rng.random() < 0.15  # sometimes stop right after the start
+                until = time.monotonic() + (rng.uniform(0.0, 0.3) if short else
+                                            rng.uniform(0.5, self.args.max_cycle))
                 while time.monotonic() < until and srv.alive():
                     time.sleep(rng.uniform(0.02, 0.4))
                     ctl.step()

@@ -109,7 +109,7 @@ def test_torture_two_minutes(tmp_path: Path) -> None:
     assert s["details"] == [], why
     assert s["cycles"] >= 5, why
     assert s["sigkills"] >= 2 and s["sigterms"] + s["quits"] >= 1, why
-    assert s["streams_started"] >= 2 and s["streams_completed"] >= 2, why
+    assert s["streams_started"] >= 2 and s["streams_completed"] >= 1, why
     assert s["bytes_written"] > 0 and s["bytes_verified"] > s["bytes_written"], why
     assert "mismatches:        0" in res.stdout, why
     assert _mounts_under(tmp_path) == [], why
