@@ -278,6 +278,8 @@ class StreamJob:
             self.offset = self.len  # nothing above base to copy
             return
         window = self._chunk  # status look-ahead: grows over skipped runs, resets on copy
+        wide = getattr(self.device, "copy_up_step", None)
+        precise = False  # after a failed step: copy run by run, so errors hit one run
         while self.offset < self.len:
             if not await self._checkpoint():
                 return
@@ -291,10 +293,22 @@ class StreamJob:
             elif run == ask:
                 window = min(window * 4, MAX_WINDOW)
             if needs_copy:
-                run = min(run, step)
+                if wide is not None and not precise:
+                    # the whole step in one call: the device skips what needs no copy
+                    first, run = run, min(max(run, step), self.len - self.offset)
+                    call = partial(wide, self.offset, run, base=self.base,
+                                   zeroes=self.base is not None)
+                else:
+                    first = run = min(run, step)
+                    call = partial(self.device.copy_up, self.offset, run, base=self.base)
                 try:
-                    copied = await self.device.copy_up(self.offset, run, base=self.base)
+                    copied = await call()
+                    precise = False
                 except OSError as exc:
+                    if run > first:
+                        precise = True  # redo this step run by run: the policy applies there
+                        continue
+                    precise = False
                     verdict = await self._handle_error(exc)
                     if verdict == "retry":
                         continue

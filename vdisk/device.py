@@ -118,12 +118,14 @@ class BlockDevice:
             run = min(-(-(off + run) // cs) * cs, off + ext.length, end) - off
         return run, status
 
-    async def _copy_up_locked(self, start: int, end: int, base: Image | None) -> int:
+    async def _copy_up_locked(self, start: int, end: int, base: Image | None,
+                              zeroes: bool = True) -> int:
         """Copy into the top what it lacks in [start, end) and a layer above base holds.
 
         The caller holds the range lock over [start, end): each step is its own engine
         call (other ranges proceed in between), yet no write can slip into this range
-        between the status check and the copy.
+        between the status check and the copy. zeroes=False skips runs that read as
+        zeroes from below (a stream without a base keeps them unallocated).
         """
         top = self.top
         if top.backing is None or top.backing is base:
@@ -132,6 +134,8 @@ class BlockDevice:
         off = start
         while off < end:
             run, what = await self._inline(self._next_copy, off, end, base)
+            if what is Status.ZERO and not zeroes:
+                what = None
             if what is Status.DATA:
                 data = await self._inline(top.read, off, run)
                 await self._inline(top.write, off, data)
@@ -183,6 +187,17 @@ class BlockDevice:
                     return await self._inline(self.top.read, offset, length)
         return await self._inline(top.read, offset, length)
 
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """Do the write right here when nothing else is in flight on the device (no range
+        held or awaited, no engine call running): a synchronous engine call cannot be
+        interleaved, so the range lock is not needed. False: use write()."""
+        if self._engine_threads or self._locks.busy or self._engine_lock.locked():
+            return False
+        self._check_write(offset, len(data))
+        if data:
+            self.top.write(offset, data)
+        return True
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write data at offset; never grows the device (ENOSPC past the end)."""
         self._check_write(offset, len(data))
@@ -216,6 +231,19 @@ class BlockDevice:
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
             return await self._copy_up_locked(start, end, base)
+
+    async def copy_up_step(self, offset: int, length: int, *, base: Image | None = None,
+                           zeroes: bool = True) -> int:
+        """copy_up for one stream step that may mix runs to copy, runs the top holds and (with
+        zeroes=False) zero runs to leave alone: one range lock and one call for all of them."""
+        self._check_open()
+        if self.read_only:
+            raise _oserror(errno.EROFS, f"drive {self.drive_id} is read-only")
+        if offset >= self.size or length <= 0:
+            return 0
+        start, end = self._span(offset, min(length, self.size - offset))
+        async with self._locks.hold(start, end):
+            return await self._copy_up_locked(start, end, base, zeroes)
 
     @property
     def io_busy(self) -> bool:

@@ -640,6 +640,15 @@ class Qcow2Image(Image):
         l2off, l2 = self._writable_l2(offset >> self.chunk_bits)
         mask = self.l2_entries - 1
         ext = self.extended_l2
+        inner = offset & (cs - 1)
+        if not ext and inner + len(data) <= cs:  # inside one cluster: in place if owned
+            e = l2[(offset >> cb) & mask]
+            off = e & OFFSET_MASK
+            if (e & COPIED and off and not e & COMPRESSED and not off & (cs - 1)
+                    and not (self.version >= 3 and e & ZERO) and off + cs <= self.f.size):
+                self._guard(off >> cb, 1)
+                self.f.pwrite(data, off + inner)  # no metadata to touch
+                return
         if not ext and len(data) > cs and l2[(offset >> cb) & mask] & COPIED:
             host = self._contiguous_run(l2, offset, end)
             if host is not None and host + len(data) <= self.f.size:

@@ -9,7 +9,7 @@ its L2 tables. A hit means an L1/L2/refcount entry is corrupt: the write must no
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 
@@ -103,6 +103,23 @@ class MetadataMap:
         is the L2 table or refcount block being written, which may not be anything else.
         """
         end = first + count
+        if count == 1 and not own:  # the common case: one data cluster
+            if first in self.refblocks:
+                return "refcount block"
+            if first in self.l2:
+                return "active L2 table"
+            if first in self.inactive_l2:
+                return "inactive L2 table"
+            ts, tn = self.reftable
+            if ts <= first < ts + tn:
+                return "refcount table"
+            i = bisect_right(self.starts, first) - 1
+            while i >= 0 and self.starts[i] > first - self.longest:
+                s, e, name = self.fixed[i]
+                if e > first:
+                    return name
+                i -= 1
+            return None
         lo = bisect_left(self.starts, first - self.longest + 1)
         for s, e, name in self.fixed[lo:]:
             if s >= end:
