@@ -239,6 +239,7 @@ class Torture:
                 time.sleep(self.rng.uniform(0, 0.05))
             srv.kill()
             self.summary.sigkills += 1
+            self.check_log(srv)
             return
         if kind == "quit" and qmp is not None:
             try:
@@ -256,6 +257,12 @@ class Torture:
 
         if is_mounted(self.mount):
             self.fail(f"clean stop ({kind}) left the mount behind")
+        self.check_log(srv)
+
+    def check_log(self, srv: Served) -> None:
+        errors = srv.errors()
+        if errors:
+            self.fail(f"the daemon logged {len(errors)} error(s): " + " | ".join(errors[:3]))
 
     # -- workers ----------------------------------------------------------------------
 

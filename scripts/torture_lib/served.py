@@ -55,6 +55,7 @@ class Served:
         self.log = log
         drive = f"id=d0,file={top},copy-on-read={'on' if copy_on_read else 'off'}"
         extra = ["--engine-threads"] if engine_threads else []
+        self.log_start = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as f:
             f.write(f"--- serve {drive} {' '.join(extra)}\n".encode())
             f.flush()
@@ -86,6 +87,14 @@ class Served:
         except OSError:
             return ""
         return "\n".join(text[-lines:])
+
+    def errors(self) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks this daemon logged."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_start)
+            text = f.read().decode(errors="replace")
+        return [ln for ln in text.splitlines()
+                if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback")]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
