@@ -119,13 +119,15 @@ class BlockDevice:
         return run, status
 
     async def _copy_up_locked(self, start: int, end: int, base: Image | None,
-                              zeroes: bool = True) -> int:
+                              zeroes: bool = True,
+                              pieces: list[tuple[int, bytes]] | None = None) -> int:
         """Copy into the top what it lacks in [start, end) and a layer above base holds.
 
         The caller holds the range lock over [start, end): each step is its own engine
         call (other ranges proceed in between), yet no write can slip into this range
         between the status check and the copy. zeroes=False skips runs that read as
-        zeroes from below (a stream without a base keeps them unallocated).
+        zeroes from below (a stream without a base keeps them unallocated). pieces, if
+        given, receives (offset, data) of every data run copied.
         """
         top = self.top
         if top.backing is None or top.backing is base:
@@ -139,6 +141,8 @@ class BlockDevice:
             if what is Status.DATA:
                 data = await self._inline(top.read, off, run)
                 await self._inline(top.write, off, data)
+                if pieces is not None:
+                    pieces.append((off, data))
             elif what is Status.ZERO:
                 await self._inline(partial(top.write_zeroes, unmap=False), off, run)
             if what is not None:
@@ -180,10 +184,14 @@ class BlockDevice:
             if ext.status is Status.UNALLOCATED or ext.length < length:
                 start, end = self._span(offset, length)
                 async with self._locks.hold(start, end):
+                    pieces: list[tuple[int, bytes]] = []
                     try:
-                        await self._copy_up_locked(start, end, None)
+                        await self._copy_up_locked(start, end, None, True, pieces)
                     except OSError as e:  # the read itself can still be served
                         self._copy_on_read_failed(e)
+                    for off, data in pieces:  # what was just copied is the guest view
+                        if off <= offset and offset + length <= off + len(data):
+                            return data[offset - off:offset - off + length]
                     return await self._inline(self.top.read, offset, length)
         return await self._inline(top.read, offset, length)
 
