@@ -125,7 +125,8 @@ class Qcow2Image(Image):
         self.l1.byteswap()
         self.l2_cache: LRUCache[int, array[int]] = LRUCache(max(4, l2_cache_bytes // cs),
                                                             self._evict_l2)
-        self._dirty: dict[int, list[int]] = {}  # L2 offset -> [lo, hi) entries to write
+        # L2 offset -> (table, [lo, hi) entries to write); always also in l2_cache
+        self._dirty: dict[int, tuple[array[int], list[int]]] = {}
         self.rc = Refcounts(self.f, cb, hdr.refcount_order, hdr.refcount_table_offset,
                             hdr.refcount_table_clusters, self._set_reftable,
                             refblock_cache_bytes)
@@ -451,11 +452,18 @@ class Qcow2Image(Image):
         self.f.pwrite(struct.pack(">Q", value), self.hdr.l1_table_offset + l1i * 8)
 
     def _write_l2_entries(self, l2off: int, l2: array[int], lo: int, hi: int) -> None:
-        """Mark entries [lo, hi) of a cached table dirty (written back later)."""
-        span = self._dirty.get(l2off)
-        if span is None:
-            self._dirty[l2off] = [lo, hi]
+        """Mark entries [lo, hi) of table l2 dirty (written back later)."""
+        if self.l2_cache.get(l2off) is not l2:
+            # l2 left the cache during this request (written back first if it was dirty)
+            # and may have been read in again: this object has the request's entries
+            self.l2_cache.put(l2off, l2)
+        d = self._dirty.get(l2off)
+        if d is None:
+            self._dirty[l2off] = (l2, [lo, hi])
         else:
+            span = d[1]
+            if d[0] is not l2:
+                self._dirty[l2off] = (l2, span)
             if lo < span[0]:
                 span[0] = lo
             if hi > span[1]:
@@ -468,9 +476,7 @@ class Qcow2Image(Image):
         self.f.barrier()  # refcounts of the clusters the entries name reach the disk first
         ew = self._ew
         for l2off in list(self._dirty):
-            lo, hi = self._dirty[l2off]
-            t = self.l2_cache.get(l2off)
-            assert t is not None, "a dirty L2 table left the cache"
+            t, (lo, hi) = self._dirty[l2off]
             part = t[lo * ew:hi * ew]
             part.byteswap()
             self.f.pwrite(part.tobytes(), l2off + lo * ew * 8)
