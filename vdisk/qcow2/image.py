@@ -282,6 +282,43 @@ class Qcow2Image(Image):
             pos = cend
         return segs
 
+    def _first_run(self, a: int, b: int) -> tuple[Status, int] | None:
+        """(status, length) of the first run of [a, b) (one L2 table, standard entries) with
+        one status; None if an entry needs _map's checks (an unaligned data offset)."""
+        _, l2 = self._l2(a >> self.chunk_bits)
+        if l2 is None:
+            return Status.UNALLOCATED, b - a
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        i0 = (a >> cb) & mask
+        i1 = ((b - 1) >> cb) & mask
+        zbit = ZERO if self.version >= 3 else 0
+        lowbits = self.cluster_size - 1
+
+        def kind(e: int) -> int:  # 0 unallocated, 1 zero, 2 data; -1: let _map decide
+            if e & COMPRESSED:
+                return 2
+            if e & zbit:
+                return 1
+            off = e & OFFSET_MASK
+            if not off:
+                return 0
+            return -1 if off & lowbits else 2
+
+        k = kind(l2[i0])
+        if k < 0:
+            return None
+        i = i0 + 1
+        while i <= i1:
+            k2 = kind(l2[i])
+            if k2 != k:
+                if k2 < 0:
+                    return None
+                break
+            i += 1
+        end = min(b, ((a >> cb) + (i - i0)) << cb)
+        return (Status.UNALLOCATED, Status.ZERO, Status.DATA)[k], end - a
+
     def _contiguous_run(self, l2: array[int], offset: int, end: int) -> int | None:
         """Host offset of `offset` if [offset, end) (one L2 table, standard entries) is a
         single run of contiguous plain data clusters, else None. One fast scan."""
@@ -326,6 +363,17 @@ class Qcow2Image(Image):
                 tables += 1
                 if tables > 8 and status is not None:  # bound the work: a shorter answer
                     break
+            first = None if self.extended_l2 else self._first_run(a, b)
+            if first is not None:  # standard entries: scan only as far as the status holds
+                st, m = first
+                if status is None:
+                    status = st
+                elif st is not status:
+                    return Extent(offset, n, status)
+                n += m
+                if m < b - a:
+                    return Extent(offset, n, status)
+                continue
             for seg in self._map(a, b):
                 st = _STATUS[seg[2]]
                 if status is None:

@@ -177,6 +177,14 @@ class Refcounts:
                 boff = self.block_offset(b) >> self.cluster_bits
                 self.guard(boff, 1, "refcount block", boff)
                 self._guarded.add(b)
+            lo, hi = byte_span(i0, i1, self.w)
+            if (delta == 1 and self.w >= 8 and self.max >= 1
+                    and blk[lo:hi] == bytes(hi - lo)):  # allocating free clusters: all 0 -> 1
+                blk[lo:hi] = (1).to_bytes(self.w >> 3, "big") * (i1 - i0)
+                self.f.pwrite(memoryview(blk)[lo:hi], self.block_offset(b) + lo)
+                self.f.unsynced = True
+                c += i1 - i0
+                continue
             for i in range(i0, i1):  # check first: an error leaves the block unchanged
                 v = get_entry(blk, i, self.w) + delta
                 if v < 0:
@@ -215,6 +223,12 @@ class Refcounts:
                 start = (b << self.block_bits) + i
             self.hint = start
             n = 1
+            if blk is not None and self.w >= 8:  # the zero entries that follow, in one slice
+                nb = self.w >> 3
+                i = start & (self.per_block - 1)
+                k = min(want, self.per_block - i)
+                if k > 1 and blk[(i + 1) * nb:(i + k) * nb] == bytes((k - 1) * nb):
+                    n = k
             while n < want and self.get(start + n) == 0:
                 n += 1
             return start, n
