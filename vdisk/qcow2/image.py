@@ -688,6 +688,67 @@ class Qcow2Image(Image):
                 raise self.f.eio(f"L2 entry 0x{e:x} points beyond the end of file")
         return e, bm
 
+    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """(fd, host offset, n): the first n <= length bytes at offset are plain data stored
+        contiguously in this file; None if not (unallocated, zero, compressed, ...)."""
+        self._check_range(offset, length)
+        if not length:
+            return None
+        end = min(offset + length, ((offset >> self.chunk_bits) + 1) << self.chunk_bits)
+        g, n, kind, host = self._map(offset, end)[0]
+        if kind != DATA or host + n > self.f.size:
+            return None
+        return self.f.fd, host, n
+
+    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
+        """Copy length bytes from fd at src into whole clusters at offset that this image
+        does not hold (standard L2 entries, all unallocated) with copy_file_range: no
+        bytes through user space. Returns the bytes done (a prefix); 0: use write()."""
+        self._check_writable()
+        self._check_range(offset, length)
+        cb, cs = self.cluster_bits, self.cluster_size
+        end = min(offset + length, ((offset >> self.chunk_bits) + 1) << self.chunk_bits)
+        if (self.extended_l2 or offset & (cs - 1) or end <= offset
+                or (end & (cs - 1) and end != self.virtual_size)):
+            return 0
+        if not self.l1[offset >> self.chunk_bits] & OFFSET_MASK and self.backing_name is None:
+            return 0  # unusual for a copy-up; keep to the general path
+        self._before_write()
+        l2off, l2 = self._writable_l2(offset >> self.chunk_bits)
+        mask = self.l2_entries - 1
+        c0, c1 = offset >> cb, ((end - 1) >> cb) + 1
+        for ci in range(c0, c1):
+            if l2[ci & mask]:
+                return 0
+        start, k = self._alloc(c1 - c0)
+        host = start << cb
+        n = min(end - offset, k << cb)
+        done = 0
+        try:
+            while done < n:
+                got = os.copy_file_range(fd, self.f.fd, n - done, src + done, host + done)
+                if got <= 0:
+                    raise OSError(errno.EIO, "copy_file_range made no progress")
+                done += got
+        except OSError as e:
+            self._unalloc(start, k)
+            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return 0
+            raise
+        used = -(-n >> cb)
+        if used < k:
+            self._unalloc(start + used, k - used)
+        if host + (used << cb) > self.f.size:  # a partial last cluster: pad the file
+            self.f.size = max(self.f.size, host + n)
+            if n & (cs - 1):
+                tail = cs - (n & (cs - 1))
+                self.f.pwrite(bytes(tail), host + n)
+        else:
+            self.f.size = max(self.f.size, host + n)
+        updates = {(c0 + t) & mask: ((host + (t << cb)) | COPIED, ALL_ALLOC) for t in range(used)}
+        self._commit_entries(l2off, l2, updates)
+        return n
+
     def _write_chunk(self, offset: int, data: memoryview) -> None:
         cb, cs = self.cluster_bits, self.cluster_size
         end = offset + len(data)
