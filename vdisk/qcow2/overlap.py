@@ -103,10 +103,11 @@ class MetadataMap:
         is the L2 table or refcount block being written, which may not be anything else.
         """
         end = first + count
-        if count == 1 and not own:  # the common case: one data cluster
+        if count == 1 and (not own or (own == "active L2 table" and own_cluster == first)):
+            # the common cases: one data cluster, or an L2 table about to be modified
             if first in self.refblocks:
                 return "refcount block"
-            if first in self.l2:
+            if self.l2.get(first, 0) > (1 if own else 0):
                 return "active L2 table"
             if first in self.inactive_l2:
                 return "inactive L2 table"
@@ -116,7 +117,7 @@ class MetadataMap:
             i = bisect_right(self.starts, first) - 1
             while i >= 0 and self.starts[i] > first - self.longest:
                 s, e, name = self.fixed[i]
-                if e > first:
+                if e > first and name != own:
                     return name
                 i -= 1
             return None
