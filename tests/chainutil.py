@@ -8,8 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 VDISK = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "vdisk")
 
 
@@ -52,14 +50,6 @@ def qemu_raw(path: str | os.PathLike[str], tmp: Path) -> bytes:
     return data
 
 
-def need_qcow2() -> None:
-    """Skip until the qcow2 driver (another helper's work) exists."""
-    try:
-        from vdisk import qcow2
-    except ImportError:
-        pytest.skip("qcow2 driver not available yet")
-    if not hasattr(qcow2, "open_qcow2"):
-        pytest.skip("qcow2 driver not available yet")
 
 
 def make_chain(tmp: Path) -> dict[str, Path]:

@@ -9,7 +9,6 @@ import pytest
 from chainutil import (
     locked_bytes,
     make_chain,
-    need_qcow2,
     qemu_img,
     qemu_io,
     qemu_map,
@@ -121,7 +120,6 @@ def test_raw_top_alone_and_format_mismatch(tmp_path: Path) -> None:
 
 
 def test_chain_reads_like_qemu(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     top = open_chain(str(imgs["top"]), read_only=True)
     try:
@@ -139,7 +137,6 @@ def test_chain_reads_like_qemu(tmp_path: Path) -> None:
 
 
 def test_four_deep_mixed_names(tmp_path: Path) -> None:
-    need_qcow2()
     d1, d2 = tmp_path / "d1", tmp_path / "d1" / "d2"
     d2.mkdir(parents=True)
     base = tmp_path / "base.raw"
@@ -201,7 +198,6 @@ def _expected(entries: list[dict], sizes: list[int], base_depth: int | None):
 
 
 def test_chain_status_matches_qemu_map(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     entries = qemu_map(imgs["top"])
     top = open_chain(str(imgs["top"]), read_only=True)
@@ -223,7 +219,6 @@ def test_chain_status_matches_qemu_map(tmp_path: Path) -> None:
 
 
 def test_chain_status_one_call_per_layer(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     top = open_chain(str(imgs["top"]), read_only=True)
     calls: list[str] = []
@@ -247,7 +242,6 @@ def test_chain_status_one_call_per_layer(tmp_path: Path) -> None:
 
 
 def test_loop_detected(tmp_path: Path) -> None:
-    need_qcow2()
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     qemu_img("create", "-f", "qcow2", a, "1M")
     qemu_img("create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b, cwd=tmp_path)
@@ -267,7 +261,6 @@ def test_loop_detected(tmp_path: Path) -> None:
 
 
 def test_missing_backing_closes_everything(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     imgs["base"].unlink()
     fds = open_fds()
@@ -279,7 +272,6 @@ def test_missing_backing_closes_everything(tmp_path: Path) -> None:
 
 
 def test_depth_limit(tmp_path: Path) -> None:
-    need_qcow2()
     prev = tmp_path / "l0.qcow2"
     qemu_img("create", "-f", "qcow2", prev, "1M")
     for i in range(1, 5):
@@ -304,7 +296,6 @@ def test_depth_limit(tmp_path: Path) -> None:
     ],
 )
 def test_bad_backing_names_in_headers(tmp_path: Path, backing: str, match: str) -> None:
-    need_qcow2()
     (tmp_path / "dir").mkdir()
     os.mkfifo(tmp_path / "fifo")
     top = tmp_path / "top.qcow2"
@@ -316,7 +307,6 @@ def test_bad_backing_names_in_headers(tmp_path: Path, backing: str, match: str) 
 
 
 def test_backing_format_mismatch(tmp_path: Path) -> None:
-    need_qcow2()
     qemu_img("create", "-f", "raw", tmp_path / "b.raw", "1M")
     qemu_img("create", "-f", "qcow2", "-u", "-b", "b.raw", "-F", "qcow2", tmp_path / "t.qcow2",
              "1M", cwd=tmp_path)

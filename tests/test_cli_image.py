@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chainutil import VDISK, make_chain, need_qcow2, qemu_img, qemu_info, qemu_io, run
+from chainutil import VDISK, make_chain, qemu_img, qemu_info, qemu_io, run
 
 INFO_KEYS = (
     "filename", "format", "virtual-size", "actual-size", "cluster-size", "backing-filename",
@@ -51,7 +51,6 @@ def assert_one_line_error(res, *needles: str) -> None:
     ],
 )
 def test_create_qcow2_like_qemu(tmp_path: Path, opts: list[str], qopts: list[str]) -> None:
-    need_qcow2()
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     vdisk("create", "-f", "qcow2", *opts, ours, "1.5G")
     qemu_img("create", "-f", "qcow2", *qopts, theirs, "1.5G")
@@ -65,7 +64,6 @@ def test_create_qcow2_like_qemu(tmp_path: Path, opts: list[str], qopts: list[str
 
 
 def test_create_overlay_defaults_to_backing_size(tmp_path: Path) -> None:
-    need_qcow2()
     sub = tmp_path / "sub"
     sub.mkdir()
     qemu_img("create", "-f", "raw", tmp_path / "base.raw", "3M")
@@ -129,8 +127,6 @@ def test_create_bad_input(tmp_path: Path, args: list[str], needles: list[str]) -
     qemu_img("create", "-f", "raw", tmp_path / "b.raw", "1M")
     if "own backing" in needles:
         qemu_img("create", "-f", "qcow2", tmp_path / "F", "1M")
-    elif "-o" not in args and "-b" in args:
-        need_qcow2()
     res = vdisk("create", *args, cwd=tmp_path, check=False)
     assert_one_line_error(res, *needles)
 
@@ -139,7 +135,6 @@ def test_create_bad_input(tmp_path: Path, args: list[str], needles: list[str]) -
 
 
 def test_info_chain_equals_qemu(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     for name, cwd in ((str(imgs["top"]), None), ("top.qcow2", tmp_path), ("mid.qcow2", tmp_path)):
         for extra in ([], ["--backing-chain"]):
@@ -154,7 +149,6 @@ def test_info_chain_equals_qemu(tmp_path: Path) -> None:
 
 
 def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
-    need_qcow2()
     d = tmp_path / "a" / "b"
     d.mkdir(parents=True)
     qemu_img("create", "-f", "raw", tmp_path / "base.raw", "1M")
@@ -169,7 +163,6 @@ def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
 
 
 def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
-    need_qcow2()
     dirty = tmp_path / "dirty.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", dirty, "1M")
     proc = subprocess.Popen(["qemu-io", str(dirty)], stdin=subprocess.PIPE,
@@ -204,7 +197,6 @@ def test_info_bad_input(tmp_path: Path) -> None:
     assert_one_line_error(res, "FIFO")
     res = vdisk("info", "-f", "vmdk", tmp_path / "fifo", check=False)
     assert_one_line_error(res, "vmdk")
-    need_qcow2()
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + bytes(60))
     res = vdisk("info", bad, check=False)
@@ -245,7 +237,6 @@ def _map_images(tmp: Path) -> list[Path]:
 
 
 def test_map_json_equals_qemu(tmp_path: Path) -> None:
-    need_qcow2()
     for p in _map_images(tmp_path):
         ours = vdisk("map", "--output=json", p).stdout
         theirs = qemu_img("map", "--output=json", p)
@@ -264,7 +255,6 @@ def test_map_json_equals_qemu(tmp_path: Path) -> None:
 
 
 def test_map_human_equals_qemu(tmp_path: Path) -> None:
-    need_qcow2()
     for p in _map_images(tmp_path):
         theirs = run("qemu-img", "map", p.name, cwd=tmp_path, check=False)
         ours = vdisk("map", p.name, cwd=tmp_path, check=False)
@@ -297,7 +287,6 @@ def _set_refcount(path: Path, cluster: int, value: int) -> None:
 
 
 def test_check_exit_codes_agree(tmp_path: Path) -> None:
-    need_qcow2()
     clean = tmp_path / "clean.qcow2"
     qemu_img("create", "-f", "qcow2", clean, "16M")
     qemu_io(clean, "write -P 1 0 256k")
@@ -335,7 +324,6 @@ def test_check_exit_codes_agree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("refcount_bits", [1, 4, 64])
 def test_check_output_equals_qemu(tmp_path: Path, refcount_bits: int) -> None:
-    need_qcow2()
     p = tmp_path / "r.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", f"refcount_bits={refcount_bits},cluster_size=4k",
              p, "8M")
@@ -361,7 +349,6 @@ def test_check_raw_and_bad_input(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None:
     """Random writes, zeroes and discards in a 3-layer chain: map and contents as QEMU."""
-    need_qcow2()
     import random
 
     from chainutil import qemu_raw

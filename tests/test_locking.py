@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from chainutil import VDISK, QemuHolder, locked_bytes, make_chain, need_qcow2, qemu_img, run
+from chainutil import VDISK, QemuHolder, locked_bytes, make_chain, qemu_img, run
 
 from vdisk.chain import close_chain, open_chain
 from vdisk.errors import LockError
@@ -56,7 +56,6 @@ def test_qemu_writer_locks_out_vdisk_raw(tmp_path: Path) -> None:
 
 
 def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     top = open_chain(str(imgs["top"]), read_only=False)
     try:
@@ -85,7 +84,6 @@ def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
 
 
 def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
-    need_qcow2()
     imgs = make_chain(tmp_path)
     with QemuHolder(imgs["top"], "qcow2"):
         for ro in (False, True):
@@ -112,8 +110,6 @@ def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
-    if fmt == "qcow2":
-        need_qcow2()
     p = tmp_path / f"busy.{fmt}"
     qemu_img("create", "-f", fmt, p, "1M")
     before = p.read_bytes()
@@ -126,7 +122,6 @@ def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
 
 def test_storage_daemon_export_locks_out_vdisk(tmp_path: Path) -> None:
     """A writable NBD export in qemu-storage-daemon: vdisk can neither write nor read the top."""
-    need_qcow2()
     import subprocess
     import time
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chainutil import locked_bytes, need_qcow2, qemu_img, qemu_io
+from chainutil import locked_bytes, qemu_img, qemu_io
 from serving import ROOT, force_unmount, is_mounted, vdisk_cmd
 
 from vdisk.logsetup import JournalHandler, setup_logging
@@ -35,7 +35,6 @@ def _vdisk(*args: str | os.PathLike[str], timeout: float = 40) -> subprocess.Com
 
 def _chain(tmp_path: Path) -> Path:
     """base.qcow2 (0x21 everywhere) <- top.qcow2 (0x77 in the second MiB)."""
-    need_qcow2()
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", base, "4M")
     qemu_io(base, "write -P 0x21 0 4M")

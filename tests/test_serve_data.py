@@ -8,7 +8,7 @@ import mmap
 import os
 from pathlib import Path
 
-from chainutil import make_chain, need_qcow2, qemu_img, qemu_io, qemu_map, qemu_raw
+from chainutil import make_chain, qemu_img, qemu_io, qemu_map, qemu_raw
 from serving import is_mounted, serving
 
 MiB = 1 << 20
@@ -57,7 +57,6 @@ def build_variants(tmp: Path) -> dict[str, Path]:
 
 
 def test_chains_read_as_qemu_img_convert(tmp_path: Path) -> None:
-    need_qcow2()
     tops = build_variants(tmp_path)
     expect = {name: qemu_raw(top, tmp_path) for name, top in tops.items()}
     drives = [f"id={name},file={top}" for name, top in tops.items()]
@@ -115,7 +114,6 @@ def _fsync(path: Path) -> None:
 
 
 def test_copy_on_read_fills_top_and_off_leaves_it(tmp_path: Path) -> None:
-    need_qcow2()
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "8M")
     qemu_io(base, "write -P 0x55 0 8M")
@@ -240,7 +238,6 @@ def test_seek_data_hole_matches_qemu_map(tmp_path: Path) -> None:
     `qemu-img map` of the chain itself."""
     import json
 
-    need_qcow2()
     tops = build_variants(tmp_path)
     drives = [f"id={name},file={top},copy-on-read=off" for name, top in tops.items()]
     with serving(tmp_path, *drives) as srv:

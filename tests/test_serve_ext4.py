@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chainutil import need_qcow2, qemu_img, qemu_io, qemu_raw, run
+from chainutil import qemu_img, qemu_io, qemu_raw, run
 from serving import serving
 
 MiB = 1 << 20
@@ -22,7 +22,6 @@ def _losetup(path: Path) -> str:
 
 
 def test_ext4_on_loop_device(tmp_path: Path) -> None:
-    need_qcow2()
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", base, "96M")
@@ -67,7 +66,6 @@ def test_ext4_on_loop_device(tmp_path: Path) -> None:
 
 
 def test_qemu_tools_as_raw_clients(tmp_path: Path) -> None:
-    need_qcow2()
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", top, "4M")
     qemu_io(top, "write -P 0x12 1M 64k")

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chainutil import QemuHolder, locked_bytes, need_qcow2, qemu_img, qemu_io, run
+from chainutil import QemuHolder, locked_bytes, qemu_img, qemu_io, run
 from serving import force_unmount, is_mounted, run_serve, serving, start
 
 MiB = 1 << 20
@@ -42,7 +42,6 @@ def _write_unflushed(path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["sigterm", "sigint", "sighup", "qmp-quit", "unmount"])
 def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
-    need_qcow2()
     base, top = _image(tmp_path)
     with serving(tmp_path, f"id=d0,file={top}") as srv:
         _write_unflushed(srv.path("d0"))
@@ -65,7 +64,6 @@ def test_clean_stop_persists_unflushed_writes(tmp_path: Path, how: str) -> None:
 
 
 def test_kill9_then_restart_clears_stale_mount(tmp_path: Path) -> None:
-    need_qcow2()
     _, top = _image(tmp_path)
     mnt = tmp_path / "mnt"
     srv = start(tmp_path, [f"id=d0,file={top}"], name="first")
@@ -108,7 +106,6 @@ def _one_line(res: subprocess.CompletedProcess[str], mnt: Path, sock: Path) -> s
 
 
 def test_startup_errors(tmp_path: Path) -> None:
-    need_qcow2()
     _, top = _image(tmp_path)
     mnt, sock = tmp_path / "mnt", tmp_path / "q.sock"
     common = ["--mount", str(mnt), "--qmp", str(sock)]
@@ -158,7 +155,6 @@ def test_startup_errors(tmp_path: Path) -> None:
 
 
 def test_busy_mount_point(tmp_path: Path) -> None:
-    need_qcow2()
     _, top = _image(tmp_path)
     mnt, sock = tmp_path / "mnt", tmp_path / "q.sock"
     args = ["--mount", str(mnt), "--qmp", str(sock), "--drive", f"id=d0,file={top}"]

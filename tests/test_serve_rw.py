@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from chainutil import need_qcow2, qemu_img, qemu_io, qemu_raw
+from chainutil import qemu_img, qemu_io, qemu_raw
 from serving import serving
 
 MiB = 1 << 20
@@ -61,7 +61,6 @@ def test_concurrent_random_io_matches_model(tmp_path: Path, engine: str) -> None
     """inline: the daemon's normal mode. threads: every engine call goes to a worker
     thread, so requests interleave between the steps of a copy-on-read or copy-up (the
     range locks must keep them apart)."""
-    need_qcow2()
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", base, str(SIZE))
@@ -133,7 +132,6 @@ for n, path in enumerate(drives):
 def test_copy_on_read_never_overwrites_concurrent_writes(tmp_path: Path, engine: str) -> None:
     """Big O_DIRECT reads (1 MiB copy-on-read requests) race 4 KiB writes to the same
     ranges on fresh tops; every write must survive the copy-up."""
-    need_qcow2()
     size = 2 * MiB
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, str(size))
