@@ -12,7 +12,6 @@ test never leaves a mount or a process behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
@@ -32,25 +33,6 @@ def vdisk_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vdisk", *args]
 
 
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    """True if something is mounted at path (per /proc/self/mountinfo)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
-                return True
-    return False
-
-
-def force_unmount(path: str | os.PathLike[str]) -> None:
-    """Lazily unmount whatever is mounted at path (repeat for stacked mounts)."""
-    for _ in range(5):
-        if not is_mounted(path):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
-        if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 class Served:

@@ -93,6 +93,23 @@ def resolve_mountpoint(path: str) -> str:
     return os.path.realpath(candidate)
 
 
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """True if something is mounted at path (per /proc/self/mountinfo)."""
+    return bool(mounts_at(os.fspath(path)))
+
+
+def force_unmount(path: str | os.PathLike[str]) -> None:
+    """Detach whatever is mounted at path, stacked mounts included; never raises (for
+    clean-up code: tests, benchmarks, the torture loop)."""
+    target = os.fspath(path)
+    for _ in range(5):
+        if not is_mounted(target):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, check=False)
+        if is_mounted(target):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
 def lazy_unmount(path: str) -> None:
     """Detach the mount at path (MNT_DETACH), via fusermount3 -u -z."""
     res = subprocess.run(

@@ -7,7 +7,6 @@ lingers, and unmounts whatever it left behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,28 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib.chain import Chain
+from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(
-            len(fields) > 4 and fields[4].replace("\\040", " ") == target
-            for fields in (line.split() for line in f)
-        )
-
-
-def force_unmount(path: Path) -> None:
-    for _ in range(5):
-        if not is_mounted(path):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
-        if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def _listening(path: Path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -10,24 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    for _ in range(5):
-        if not is_mounted(path):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
-        if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def _listening(path: Path) -> bool:
