@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
+import socket
 from typing import Any
 
 import trio
@@ -122,3 +124,19 @@ class QMPClient:
         events = list(self._events)
         self._events.clear()
         return events
+
+
+def qmp_listening(path: str | os.PathLike[str], timeout: float = 5.0) -> bool:
+    """True once a server accepts a connection on the UNIX socket at path and sends its
+    greeting (a stale socket file left by a killed daemon refuses). The greeting is read so
+    that the server does not log a lost connection."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+        sock.recv(4096)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True

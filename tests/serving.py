@@ -13,7 +13,6 @@ test never leaves a mount or a process behind.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from control.client import qmp_listening
 from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,6 @@ STOP_TIMEOUT = 30.0
 
 def vdisk_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vdisk", *args]
-
-
 
 
 class Served:
@@ -111,7 +109,7 @@ def start(
                                 stdin=subprocess.DEVNULL)
     srv = Served(proc, mount, qmp_path, log_path)
     deadline = time.monotonic() + START_TIMEOUT
-    while not _listening(qmp_path):
+    while not qmp_listening(qmp_path):
         if proc.poll() is not None:
             raise RuntimeError(f"vdisk serve exited with {proc.returncode}:\n{srv.stderr}")
         if time.monotonic() > deadline:
@@ -119,20 +117,6 @@ def start(
             raise RuntimeError(f"vdisk serve did not start:\n{srv.stderr}")
         time.sleep(0.02)
     return srv
-
-
-def _listening(path: Path) -> bool:
-    """True once a server accepts connections on the UNIX socket (a stale file refuses)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5.0)
-    try:
-        sock.connect(str(path))
-        sock.recv(4096)  # take the greeting, so the server does not see a lost connection
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
 
 
 def cleanup(srv: Served) -> None:

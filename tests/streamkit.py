@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,9 +14,14 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from vdisk.mounts import force_unmount, is_mounted
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+HERE = Path(__file__).resolve().parent
 
 
 def run(*cmd: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -164,6 +170,22 @@ def wait_until(pred: Any, timeout: float = 30.0, step: float = 0.05) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(step)
+
+
+@contextmanager
+def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
+    """A FUSE file (tests/eio_fuse.py) with src's bytes whose reads fail with EIO in bad."""
+    mnt = tmp_path / "faulty"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(HERE / "eio_fuse.py"), str(src), str(mnt),
+                             str(bad[0]), str(bad[1])], stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
+        yield mnt / "disk"
+    finally:
+        force_unmount(mnt)
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def pipelined(sock: Path, *commands: dict[str, Any]) -> list[dict[str, Any]]:

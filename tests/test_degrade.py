@@ -9,14 +9,13 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from serving import force_unmount, is_mounted, serving
-from streamkit import wait_until
+from serving import force_unmount, serving
+from streamkit import faulty_file
 
 from vdisk.chain import close_chain, open_chain
 from vdisk.qcow2 import open_qcow2
@@ -380,19 +379,6 @@ def test_set_backing_on_full_fs(tmp_path: Path) -> None:
 
 # -- EIO from a backing file --------------------------------------------------------------
 
-@contextmanager
-def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
-    mnt = tmp_path / "faulty"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(HERE / "eio_fuse.py"), str(src), str(mnt),
-                             str(bad[0]), str(bad[1])], stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
-        yield mnt / "disk"
-    finally:
-        force_unmount(mnt)
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def allocated(p: Path) -> set[int]:

@@ -6,18 +6,17 @@ and the daemon keeps serving."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving import force_unmount, is_mounted, serving
+from serving import force_unmount, serving
 from streamkit import (
     MiB,
     create,
     depth_of,
+    faulty_file,
     image_map,
     info,
     qemu_io,
@@ -93,19 +92,6 @@ def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
         assert sha(to_raw(top, tmp_path / "after2.raw")) == want
 
 
-@contextmanager
-def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
-    mnt = tmp_path / "faulty"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(HERE / "eio_fuse.py"), str(src), str(mnt),
-                             str(bad[0]), str(bad[1])], stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
-        yield mnt / "disk"
-    finally:
-        force_unmount(mnt)
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_eio_report_ignore_stop(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ lingers, and unmounts whatever it left behind.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,24 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib.chain import Chain
+from control.client import qmp_listening
 from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-
-
-
-
-def _listening(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -83,7 +70,7 @@ class Side:
                                          stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while not (_listening(self.qmp_path) and is_mounted(self.mount)):
+            while not (qmp_listening(self.qmp_path) and is_mounted(self.mount)):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
                                        f"{self.log_path.read_text(errors='replace')[-2000:]}")

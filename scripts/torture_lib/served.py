@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from control.client import qmp_listening
 from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
-
-
-
-
-def _listening(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
 
 
 class StartError(Exception):
@@ -53,7 +40,7 @@ class Served:
                 start_new_session=True)
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while not _listening(qmp):
+            while not qmp_listening(qmp):
                 if self.proc.poll() is not None:
                     raise StartError(
                         f"vdisk serve exited with {self.proc.returncode}: {self.tail()}")
