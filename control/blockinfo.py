@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vdisk.image import Image
+    from vdisk.engine.image import Image
 
 
 def image_info(top: Image) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import trio
 
 from control.errors import QMPError
-from control.ratelimit import RateLimiter
-from vdisk.chain import chain_status
-from vdisk.image import Image, Status
+from vdisk.block.ratelimit import RateLimiter
+from vdisk.engine.chain import chain_status
+from vdisk.engine.image import Image, Status
 
 log = logging.getLogger("vdisk.jobs")
 
@@ -50,7 +50,7 @@ Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 class StreamDevice(Protocol):
-    """What a stream job needs from a block device (vdisk.device.BlockDevice)."""
+    """What a stream job needs from a block device (vdisk.block.device.BlockDevice)."""
 
     top: Image
     size: int

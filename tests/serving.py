@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from control.client import qmp_listening
-from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
+from vdisk.service.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0

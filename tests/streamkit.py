@@ -14,7 +14,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vdisk.mounts import force_unmount, is_mounted
+from vdisk.service.mounts import force_unmount, is_mounted
 
 KiB = 1 << 10
 MiB = 1 << 20

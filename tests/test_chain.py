@@ -15,7 +15,7 @@ from chainutil import (
     qemu_raw,
 )
 
-from vdisk.chain import (
+from vdisk.engine.chain import (
     chain_status,
     close_chain,
     full_backing_filename,
@@ -25,8 +25,8 @@ from vdisk.chain import (
     probe_format,
     resolve_backing,
 )
+from vdisk.engine.image import Status
 from vdisk.errors import ChainError, ImageError
-from vdisk.image import Status
 
 MiB = 1 << 20
 

@@ -355,7 +355,7 @@ def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None
     from test_chain import _expected as expected_status
     from test_chain import _walk as walk_status
 
-    from vdisk.chain import close_chain, iter_chain, open_chain
+    from vdisk.engine.chain import close_chain, iter_chain, open_chain
 
     rng = random.Random(seed)
     cs_opts = ["cluster_size=64k", "cluster_size=4k", "extended_l2=on,cluster_size=32k"]

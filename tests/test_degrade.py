@@ -17,8 +17,8 @@ import pytest
 from serving import force_unmount, serving
 from streamkit import faulty_file
 
-from vdisk.chain import close_chain, open_chain
-from vdisk.qcow2 import open_qcow2
+from vdisk.engine.chain import close_chain, open_chain
+from vdisk.engine.qcow2 import open_qcow2
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import demo as demo_mod
+from vdisk.cli import _demo as demo_mod
 from vdisk.errors import VdiskError
 
 ROOT = Path(__file__).resolve().parent.parent

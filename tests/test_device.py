@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import trio
 
-from vdisk.device import BlockDevice
-from vdisk.image import Extent, Image, Status
-from vdisk.rangelock import RangeLock
+from vdisk.block.device import BlockDevice
+from vdisk.block.rangelock import RangeLock
+from vdisk.engine.image import Extent, Image, Status
 
 CS = 4096
 

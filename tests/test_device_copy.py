@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import qemu_check, qemu_img, qemu_io
 
-from vdisk.chain import iter_chain, open_chain
-from vdisk.device import BlockDevice
+from vdisk.block.device import BlockDevice
+from vdisk.engine.chain import iter_chain, open_chain
 
 MiB = 1 << 20
 

@@ -357,7 +357,7 @@ def _init_worker() -> None:
     import logging
     logging.disable(logging.CRITICAL)
     # guest data is only ever read from inside the file: catch any read past its end
-    from vdisk.qcow2.fileio import ImageFile
+    from vdisk.engine.qcow2.fileio import ImageFile
 
     plain = ImageFile.pread_into
 
@@ -425,7 +425,7 @@ def _check_protected(before: bytes, after: bytes, regions: list[tuple[str, int, 
 
 def run_case(corpus: str, case: Case) -> str | None:
     """None if the driver behaved, else what went wrong."""
-    from vdisk.chain import close_chain, open_chain
+    from vdisk.engine.chain import close_chain, open_chain
     from vdisk.errors import ImageError
 
     src = Path(corpus) / case.image
@@ -584,7 +584,7 @@ def test_write_aimed_at_l1_marks_corrupt(corpus: tuple[Path, list[str]], tmp_pat
                                          ) -> None:
     """Each v3 corpus image, an allocated L2 entry aimed at the L1 table: the write fails
     with EIO, qemu-img sees the corrupt bit, and the L1 table is intact."""
-    from vdisk.qcow2 import open_qcow2
+    from vdisk.engine.qcow2 import open_qcow2
 
     d, names = corpus
     checked = 0

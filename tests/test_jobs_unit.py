@@ -10,8 +10,8 @@ import trio
 
 from control.errors import QMPError
 from control.jobs import JobManager, StreamJob, find_base
-from control.ratelimit import RateLimiter
-from vdisk.image import Status
+from vdisk.block.ratelimit import RateLimiter
+from vdisk.engine.image import Status
 
 MiB = 1 << 20
 CL = 64 * 1024

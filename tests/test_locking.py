@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from chainutil import VDISK, QemuHolder, locked_bytes, make_chain, qemu_img, run
 
-from vdisk.chain import close_chain, open_chain
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import LockError
 
 

@@ -22,8 +22,8 @@ import pytest
 from chainutil import locked_bytes, qemu_img, qemu_io
 from serving import ROOT, force_unmount, is_mounted, vdisk_cmd
 
-from vdisk.logsetup import JournalHandler, setup_logging
-from vdisk.pidfile import process_alive
+from vdisk.service.logsetup import JournalHandler, setup_logging
+from vdisk.service.pidfile import process_alive
 
 MiB = 1 << 20
 

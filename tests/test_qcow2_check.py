@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import assert_clean, convert_raw, qemu_check, qemu_img, qemu_io, run
 
-from vdisk.qcow2 import check_qcow2
+from vdisk.engine.qcow2 import check_qcow2
 
 
 def _image(tmp: Path, opts: str = "compat=1.1", snapshot: bool = False) -> Path:
@@ -133,7 +133,7 @@ def test_copied_flag_cleared(tmp_path: Path) -> None:
 def test_bitmaps_counted_and_cleared_on_write(tmp_path: Path) -> None:
     """Bitmap clusters are references while the bitmaps autoclear bit is set; vdisk does not
     maintain bitmaps, so its first write clears the bit and they become leaks (as in QEMU)."""
-    from vdisk.qcow2 import open_qcow2
+    from vdisk.engine.qcow2 import open_qcow2
 
     p = _image(tmp_path)
     run("qemu-img", "bitmap", "--add", str(p), "b0")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import assert_clean, close_chain, convert_raw, open_chain, qemu_img, qemu_io
 
+from vdisk.engine.qcow2 import check_qcow2, open_qcow2
 from vdisk.errors import ReadOnlyError
-from vdisk.qcow2 import check_qcow2, open_qcow2
 
 SIZE = 8 << 20
 

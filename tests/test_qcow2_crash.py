@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import close_chain, open_chain, qemu_check, qemu_img
 
-from vdisk.qcow2 import check_qcow2, create_qcow2
+from vdisk.engine.qcow2 import check_qcow2, create_qcow2
 
 REPO = str(Path(__file__).resolve().parent.parent)
 SIZE = 32 << 20
@@ -25,8 +25,8 @@ PER_ROUND = 120
 
 CHILD = r"""
 import json, random, sys
-from vdisk.qcow2 import open_qcow2
-from vdisk.raw import open_raw
+from vdisk.engine.qcow2 import open_qcow2
+from vdisk.engine.raw import open_raw
 path, slots_file, rnd_seed, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 slots = json.load(open(slots_file))
 img = open_qcow2(path, read_only=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import assert_clean, qemu_img
 
+from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 from vdisk.errors import ImageError
-from vdisk.qcow2 import create_qcow2, open_qcow2
 
 CASES = [
     dict(size=1 << 30),

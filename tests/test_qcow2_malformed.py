@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import qemu_img, qemu_io
 
+from vdisk.engine.qcow2 import is_qcow2, open_qcow2
 from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
-from vdisk.qcow2 import is_qcow2, open_qcow2
 
 
 def _patch(fmt: str, off: int, value: int) -> Callable[[Path], None]:
@@ -160,7 +160,7 @@ def test_fuzzed_headers_fail_cleanly(tmp_path: Path) -> None:
     check_qcow2 raises ImageError or reports; never another exception."""
     import random
 
-    from vdisk.qcow2 import check_qcow2
+    from vdisk.engine.qcow2 import check_qcow2
 
     src_path = _make(tmp_path)
     qemu_io(src_path, "write -z 1M 64k", "write -P 4 3M 100k")
@@ -260,7 +260,7 @@ def test_compressed_bombs_inflate_one_cluster_at_most() -> None:
 
     import zstandard
 
-    from vdisk.qcow2.compress import decompress_cluster
+    from vdisk.engine.qcow2.compress import decompress_cluster
 
     zb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
     assert decompress_cluster(1, zb, 65536) == bytes(65536)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from test_qcow2_util import assert_clean, qemu_img, run
 
-from vdisk.qcow2 import create_qcow2, open_qcow2
+from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
 CHILD = r"""
 import hashlib, json, random, sys
-from vdisk.qcow2 import open_qcow2
+from vdisk.engine.qcow2 import open_qcow2
 path = sys.argv[1]
 rnd = random.Random(7)
 img = open_qcow2(path, read_only=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import assert_clean, close_chain, open_chain, qemu_img, qemu_io, run
 
-from vdisk.qcow2 import create_qcow2, open_qcow2
+from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
 CONFIGS = [
     # (cluster size, compat, refcount bits, extended L2, base format, virtual size)

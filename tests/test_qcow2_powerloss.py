@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import qemu_check
 
-from vdisk.qcow2 import create_qcow2, open_qcow2
+from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
 
 class Recorder:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_qcow2_util import close_chain, convert_raw, open_chain, qemu_img, qemu_io
 
-from vdisk.image import Status
-from vdisk.qcow2 import open_qcow2
+from vdisk.engine.image import Status
+from vdisk.engine.qcow2 import open_qcow2
 
 SIZE = 6 << 20
 
@@ -189,7 +189,7 @@ def test_unknown_compat_and_autoclear_bits(tmp_path: Path) -> None:
 
 
 def test_layer_status_runs(tmp_path: Path) -> None:
-    from vdisk.qcow2 import create_qcow2
+    from vdisk.engine.qcow2 import create_qcow2
 
     p = tmp_path / "s.qcow2"
     create_qcow2(str(p), 4 << 20, cluster_size=512)  # one L2 table per 32 KiB

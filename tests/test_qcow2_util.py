@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from vdisk.image import Image
-from vdisk.qcow2 import open_qcow2
+from vdisk.engine.image import Image
+from vdisk.engine.qcow2 import open_qcow2
 
 
 def run(*cmd: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -53,7 +53,7 @@ def convert_raw(path: str | os.PathLike[str], tmp: Path, *extra: str) -> bytes:
 
 def open_chain(path: str | os.PathLike[str], read_only: bool = True) -> Image:
     """Open a qcow2 image and its backing chain (qcow2 or raw) by hand, read-only below."""
-    from vdisk.raw import open_raw
+    from vdisk.engine.raw import open_raw
 
     top = open_qcow2(str(path), read_only=read_only)
     img: Any = top

@@ -513,7 +513,7 @@ def images(sockdir: str) -> dict[str, str]:
 
 
 class _InfoImage:
-    """Stand-in layer for when vdisk.chain cannot open images yet: info() from qemu-img."""
+    """Stand-in layer for when vdisk.engine.chain cannot open images yet: info() from qemu-img."""
 
     def __init__(self, info: dict[str, Any], backing: _InfoImage | None) -> None:
         self._info = info
@@ -530,20 +530,20 @@ class _InfoImage:
 
 
 def _chain_opener() -> Any:
-    """vdisk.chain.open_chain when the qcow2 driver is in the tree, else None."""
+    """vdisk.engine.chain.open_chain when the qcow2 driver is in the tree, else None."""
     try:
-        import vdisk.qcow2
-        from vdisk.chain import open_chain
+        import vdisk.engine.qcow2
+        from vdisk.engine.chain import open_chain
     except ImportError:
         return None
-    return open_chain if hasattr(vdisk.qcow2, "open_qcow2") else None
+    return open_chain if hasattr(vdisk.engine.qcow2, "open_qcow2") else None
 
 
 def open_top(path: str) -> Any:
     open_chain = _chain_opener()
     if open_chain is not None:
         return open_chain(path, read_only=True)
-    print("vdisk.chain cannot open qcow2 yet: using qemu-img info stand-ins")
+    print("vdisk.engine.chain cannot open qcow2 yet: using qemu-img info stand-ins")
     layers = json.loads(run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path]))
     img = None
     for info in reversed(layers):

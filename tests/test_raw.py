@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from chainutil import qemu_img, qemu_info, qemu_io, qemu_map
 
+from vdisk.engine.image import Status
+from vdisk.engine.raw import create_raw, open_raw
 from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
-from vdisk.image import Status
-from vdisk.raw import create_raw, open_raw
 
 MiB = 1 << 20
 
@@ -135,7 +135,7 @@ def test_open_errors(tmp_path: Path) -> None:
 
 
 def test_probed_raw_refuses_qcow2_magic(tmp_path: Path) -> None:
-    from vdisk.chain import close_chain, open_chain, probe_format
+    from vdisk.engine.chain import close_chain, open_chain, probe_format
 
     p = tmp_path / "g.raw"
     create_raw(str(p), MiB)

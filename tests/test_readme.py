@@ -62,7 +62,7 @@ def _loops_in(folder: Path) -> list[str]:
 
 def _daemons_in(folder: Path) -> list[int]:
     """Live processes named by pid files in folder (the daemonized vdisk serve)."""
-    from vdisk.pidfile import process_alive, read_pid
+    from vdisk.service.pidfile import process_alive, read_pid
 
     pids = (read_pid(str(p)) for p in folder.rglob("*.pid"))
     return [pid for pid in pids if pid is not None and pid > 0 and process_alive(pid)]
@@ -152,7 +152,7 @@ def _qmp_sections() -> dict[str, str]:
 
 
 def test_qmp_doc_names_every_registered_command_and_argument() -> None:
-    from vdisk.daemon import Daemon, ServeConfig
+    from vdisk.service.daemon import Daemon, ServeConfig
 
     registry = Daemon(ServeConfig(mount="mnt", qmp="qmp.sock", drives=())).registry
     sections = _qmp_sections()
@@ -204,7 +204,7 @@ def _toml_from_unit_comment() -> str:
 
 
 def _wait_gone(pid: int) -> None:
-    from vdisk.pidfile import process_alive
+    from vdisk.service.pidfile import process_alive
 
     deadline = time.monotonic() + 30
     while process_alive(pid):

@@ -358,7 +358,7 @@ def test_plain_backing_with_file_prefix_is_accepted(odd_files: Path) -> None:
 
 BOMB = """
 import resource, sys, zstandard
-from vdisk.qcow2.compress import decompress_cluster
+from vdisk.engine.qcow2.compress import decompress_cluster
 bomb = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(256 << 20))
 assert len(bomb) < 64 << 10  # fits in what one compressed 64 KiB cluster may occupy
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vdisk.mounts import VDISK_FSTYPE, mounts_at
+from vdisk.service.mounts import VDISK_FSTYPE, mounts_at
 
 
 def test_mountinfo_parsing(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench_lib.chain import Chain
 from control.client import qmp_listening
-from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
+from vdisk.service.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from control.client import qmp_listening
-from vdisk.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
+from vdisk.service.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT = 30.0

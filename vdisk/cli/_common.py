@@ -6,7 +6,7 @@ import math
 import os
 import re
 
-from vdisk.chain import (
+from vdisk.engine.chain import (
     FORMATS,
     check_plain_file,
     open_chain,
@@ -14,8 +14,8 @@ from vdisk.chain import (
     path_combine,
     probe_format,
 )
+from vdisk.engine.image import Image
 from vdisk.errors import VdiskError
-from vdisk.image import Image
 
 _SUFFIXES = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)\s*$")

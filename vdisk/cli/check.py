@@ -13,9 +13,9 @@ import struct
 import sys
 from typing import Any
 
-from vdisk.chain import check_plain_file, probe_format
 from vdisk.cli._common import UsageError
 from vdisk.cli._qcow2stats import check_stats
+from vdisk.engine.chain import check_plain_file, probe_format
 from vdisk.errors import ImageError
 
 
@@ -96,7 +96,7 @@ def as_human(result: Any, stats: dict[str, int]) -> str:
 
 def _check_unlocked(path: str) -> Any:
     """A read-only check without locks (-U), from the checker's own steps."""
-    from vdisk.qcow2 import check as qcheck
+    from vdisk.engine.qcow2 import check as qcheck
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.repair and args.force_share:
         raise UsageError("-r cannot be combined with -U (repair needs the write lock)")
-    from vdisk.qcow2 import check_qcow2
+    from vdisk.engine.qcow2 import check_qcow2
 
     if args.force_share and "force_share" not in inspect.signature(check_qcow2).parameters:
         result = _check_unlocked(path)

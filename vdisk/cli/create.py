@@ -6,10 +6,16 @@ import argparse
 import os
 from typing import Any
 
-from vdisk.chain import FORMATS, open_image, plain_backing_name, probe_format, resolve_backing
 from vdisk.cli._common import UsageError, parse_options, parse_size
+from vdisk.engine.chain import (
+    FORMATS,
+    open_image,
+    plain_backing_name,
+    probe_format,
+    resolve_backing,
+)
+from vdisk.engine.raw import SECTOR, create_raw, round_up
 from vdisk.errors import ImageError
-from vdisk.raw import SECTOR, create_raw, round_up
 
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 _BOOL = {"on": True, "off": False, "true": True, "false": False}
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if size is None:
         raise UsageError("the image size is required (or give a backing file with -b)")
     size = round_up(size, SECTOR)
-    from vdisk.qcow2 import create_qcow2
+    from vdisk.engine.qcow2 import create_qcow2
 
     try:
         create_qcow2(path, size, backing_name=args.backing, backing_format=bfmt, **kw)

@@ -32,6 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from vdisk.demo import run_demo
+    from vdisk.cli._demo import run_demo
 
     return run_demo(speed=parse_size(args.speed, "--speed"))

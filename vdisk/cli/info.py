@@ -7,9 +7,9 @@ import json
 import sys
 from typing import Any
 
-from vdisk.chain import close_chain, iter_chain, path_combine
 from vdisk.cli._common import layer_names, open_top, size_to_str
-from vdisk.image import Image
+from vdisk.engine.chain import close_chain, iter_chain, path_combine
+from vdisk.engine.image import Image
 
 _BACKING_KEYS = ("backing-filename", "full-backing-filename", "backing-filename-format")
 

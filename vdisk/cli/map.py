@@ -7,10 +7,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vdisk.chain import close_chain
 from vdisk.cli._common import UsageError, layer_names, open_top, parse_size
 from vdisk.cli._qcow2map import HostMapper
-from vdisk.image import Image, Status
+from vdisk.engine.chain import close_chain
+from vdisk.engine.image import Image, Status
 
 
 @dataclass

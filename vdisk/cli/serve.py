@@ -22,12 +22,12 @@ import os
 import signal
 from dataclasses import dataclass
 
-from vdisk.config import FileConfig, drive_id_problem, load_config
-from vdisk.daemon import DriveSpec, ServeConfig, serve
-from vdisk.daemonize import READY_TIMEOUT, Readiness, daemonize
 from vdisk.errors import VdiskError
-from vdisk.logsetup import DESTINATIONS, LEVELS, JournalHandler, Logs, setup_logging
-from vdisk.pidfile import check_pidfile, check_writable, remove_pidfile, write_pidfile
+from vdisk.service.config import FileConfig, drive_id_problem, load_config
+from vdisk.service.daemon import DriveSpec, ServeConfig, serve
+from vdisk.service.daemonize import READY_TIMEOUT, Readiness, daemonize
+from vdisk.service.logsetup import DESTINATIONS, LEVELS, JournalHandler, Logs, setup_logging
+from vdisk.service.pidfile import check_pidfile, check_writable, remove_pidfile, write_pidfile
 
 log = logging.getLogger("vdisk")
 

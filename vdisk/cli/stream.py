@@ -17,10 +17,10 @@ import trio
 
 from control.errors import QMPError
 from control.jobs import StreamJob, find_base
-from vdisk.chain import open_chain
+from vdisk.block.device import BlockDevice
 from vdisk.cli._common import parse_size
 from vdisk.cli._progress import Progress
-from vdisk.device import BlockDevice
+from vdisk.engine.chain import open_chain
 from vdisk.errors import VdiskError
 
 REFRESH = 0.2  # seconds between progress updates

@@ -37,13 +37,12 @@ import struct
 from array import array
 from typing import Any
 
-from vdisk.errors import ReadOnlyError
-from vdisk.image import Extent, Image, Status
-from vdisk.locking import unlock_image
-from vdisk.qcow2.cache import LRUCache
-from vdisk.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
-from vdisk.qcow2.fileio import ImageFile
-from vdisk.qcow2.header import (
+from vdisk.engine.image import Extent, Image, Status
+from vdisk.engine.locking import unlock_image
+from vdisk.engine.qcow2.cache import LRUCache
+from vdisk.engine.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
+from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
     EXT_FEATURE_TABLE,
     INCOMPAT_CORRUPT,
@@ -52,7 +51,7 @@ from vdisk.qcow2.header import (
     Header,
     serialize_header,
 )
-from vdisk.qcow2.layout import (
+from vdisk.engine.qcow2.layout import (
     ALL_ALLOC,
     ALL_ZERO,
     COMP,
@@ -66,9 +65,10 @@ from vdisk.qcow2.layout import (
     compressed_clusters,
     compressed_range,
 )
-from vdisk.qcow2.overlap import MetadataMap
-from vdisk.qcow2.refcount import Refcounts
-from vdisk.raw import fallocate
+from vdisk.engine.qcow2.overlap import MetadataMap
+from vdisk.engine.qcow2.refcount import Refcounts
+from vdisk.engine.raw import fallocate
+from vdisk.errors import ReadOnlyError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 
@@ -93,7 +93,7 @@ def _zero(mv: memoryview) -> None:
 
 
 class Qcow2Image(Image):
-    """One open qcow2 file. Use vdisk.qcow2.open_qcow2 to get one."""
+    """One open qcow2 file. Use vdisk.engine.qcow2.open_qcow2 to get one."""
 
     format_name = "qcow2"
 

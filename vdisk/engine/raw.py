@@ -13,9 +13,9 @@ import os
 import stat
 from typing import Any
 
+from vdisk.engine.image import Extent, Image, Status
+from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
-from vdisk.image import Extent, Image, Status
-from vdisk.locking import lock_image, perms_for, unlock_image
 
 SECTOR = 512
 RAW_CLUSTER_SIZE = 65536

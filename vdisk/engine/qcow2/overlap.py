@@ -13,9 +13,9 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 
-from vdisk.qcow2.fileio import ImageFile
-from vdisk.qcow2.header import MAX_L1_BYTES, Header
-from vdisk.qcow2.layout import OFFSET_MASK
+from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.qcow2.header import MAX_L1_BYTES, Header
+from vdisk.engine.qcow2.layout import OFFSET_MASK
 
 MAX_INACTIVE_L1_ENTRIES = 1 << 20  # above this, snapshot L2 tables are not tracked
 MAX_SNAPSHOT_TABLE = 64 << 20

@@ -31,12 +31,12 @@ from control.builtin import make_registry
 from control.events import EventBus
 from control.jobs import JobManager
 from control.server import serve_qmp
-from vdisk import fuse_hook
-from vdisk.chain import close_chain, open_chain
-from vdisk.device import BlockDevice
+from vdisk.block.device import BlockDevice
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import VdiskError
-from vdisk.fusefs import DriveFS, mount_options
-from vdisk.mounts import prepare_mountpoint, resolve_mountpoint, set_readahead
+from vdisk.fuse import hook as fuse_hook
+from vdisk.fuse.fs import DriveFS, mount_options
+from vdisk.service.mounts import prepare_mountpoint, resolve_mountpoint, set_readahead
 
 log = logging.getLogger("vdisk")
 

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import trio
 
 from control.client import QMPClient
-from vdisk.chain import close_chain, iter_chain, open_chain
 from vdisk.cli._progress import Progress, human
+from vdisk.engine.chain import close_chain, iter_chain, open_chain
 from vdisk.errors import VdiskError
 
 SIZE = 64 << 20  # virtual size of the disk
@@ -116,7 +116,7 @@ def chain_lines(top_path: str) -> list[str]:
 
 
 def build_chain(demo: Demo) -> dict[str, str]:
-    from vdisk.qcow2 import create_qcow2
+    from vdisk.engine.qcow2 import create_qcow2
 
     sums = make_files(demo.p("files"))
     total = sum(os.path.getsize(demo.p("files", n)) for n in sums)

@@ -13,9 +13,9 @@ import os
 import re
 from collections.abc import Iterator
 
+from vdisk.engine.image import Image, Status
+from vdisk.engine.raw import QCOW2_MAGIC, RawImage, file_kind, open_raw
 from vdisk.errors import ChainError, ImageError, UnsupportedImageError
-from vdisk.image import Image, Status
-from vdisk.raw import QCOW2_MAGIC, RawImage, file_kind, open_raw
 
 FORMATS = ("qcow2", "raw")
 DEFAULT_MAX_DEPTH = 64
@@ -98,7 +98,7 @@ def check_plain_file(path: str, what: str) -> os.stat_result:
 
 def _qcow2_module():  # type: ignore[no-untyped-def]
     try:
-        from vdisk import qcow2
+        from vdisk.engine import qcow2
     except ImportError:
         return None
     return qcow2
@@ -124,8 +124,8 @@ def open_image(path: str, fmt: str, *, read_only: bool, force_share: bool = Fals
 
 def _open_qcow2_unlocked(path: str) -> Image:
     """open_qcow2 without taking locks (read-only), from the driver's own open steps."""
-    from vdisk.qcow2.image import Qcow2Image
-    from vdisk.qcow2.open import check_policy, read_header
+    from vdisk.engine.qcow2.image import Qcow2Image
+    from vdisk.engine.qcow2.open import check_policy, read_header
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

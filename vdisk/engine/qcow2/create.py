@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from array import array
 
-from vdisk.errors import ImageError
-from vdisk.locking import lock_image, perms_for, unlock_image
-from vdisk.qcow2.header import (
+from vdisk.engine.locking import lock_image, perms_for, unlock_image
+from vdisk.engine.qcow2.header import (
     INCOMPAT_EXTL2,
     MAX_BACKING_NAME,
     MAX_L1_BYTES,
@@ -17,7 +16,8 @@ from vdisk.qcow2.header import (
     feature_table_ext,
     serialize_header,
 )
-from vdisk.qcow2.refcount import set_entry
+from vdisk.engine.qcow2.refcount import set_entry
+from vdisk.errors import ImageError
 
 
 def create_qcow2(path: str, size: int, *, cluster_size: int = 65536,

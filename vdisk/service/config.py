@@ -26,9 +26,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from vdisk.daemon import DriveSpec
 from vdisk.errors import VdiskError
-from vdisk.logsetup import DESTINATIONS, LEVELS
+from vdisk.service.daemon import DriveSpec
+from vdisk.service.logsetup import DESTINATIONS, LEVELS
 
 _PATHS = ("mount", "qmp", "log-file", "pidfile")
 _TOP: dict[str, type] = {

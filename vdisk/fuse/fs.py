@@ -14,7 +14,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from vdisk.device import BlockDevice
+from vdisk.block.device import BlockDevice
 from vdisk.errors import VdiskError
 
 log = logging.getLogger("vdisk.fuse")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
-from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
-from vdisk.locking import lock_image, perms_for, unlock_image
-from vdisk.qcow2.header import (
+from vdisk.engine.locking import lock_image, perms_for, unlock_image
+from vdisk.engine.qcow2.header import (
     EXT_CRYPTO,
     EXT_DATA_FILE,
     INCOMPAT_CORRUPT,
@@ -16,7 +15,8 @@ from vdisk.qcow2.header import (
     Header,
     parse_header,
 )
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.engine.qcow2.image import Qcow2Image
+from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
 
 
 def read_header(path: str, fd: int) -> Header:

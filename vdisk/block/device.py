@@ -27,9 +27,9 @@ from typing import TypeVar
 
 import trio
 
-from vdisk.chain import chain_status, iter_chain
-from vdisk.image import Image, Status
-from vdisk.rangelock import RangeLock
+from vdisk.block.rangelock import RangeLock
+from vdisk.engine.chain import chain_status, iter_chain
+from vdisk.engine.image import Image, Status
 
 log = logging.getLogger("vdisk.device")
 

@@ -14,10 +14,10 @@ import struct
 from array import array
 from collections.abc import Callable
 
-from vdisk.qcow2.cache import LRUCache
-from vdisk.qcow2.fileio import ImageFile
-from vdisk.qcow2.header import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
-from vdisk.qcow2.layout import OFFSET_MASK
+from vdisk.engine.qcow2.cache import LRUCache
+from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.qcow2.header import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
+from vdisk.engine.qcow2.layout import OFFSET_MASK
 
 # For widths < 8: byte value -> b"\0" if it holds a zero entry, else b"\1".
 _HAS_ZERO = {

@@ -14,12 +14,12 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 
+from vdisk.engine.locking import lock_image, perms_for, unlock_image
+from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header
+from vdisk.engine.qcow2.layout import COMPRESSED, COPIED, OFFSET_MASK, compressed_range
+from vdisk.engine.qcow2.refcount import Refcounts, decode_block
 from vdisk.errors import ImageError
-from vdisk.locking import lock_image, perms_for, unlock_image
-from vdisk.qcow2.fileio import ImageFile
-from vdisk.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header
-from vdisk.qcow2.layout import COMPRESSED, COPIED, OFFSET_MASK, compressed_range
-from vdisk.qcow2.refcount import Refcounts, decode_block
 
 
 @dataclass
@@ -257,7 +257,7 @@ class _Checker:
 
 
 def _run(path: str, fd: int, fix_leaks: bool, fix_all: bool) -> CheckResult:
-    from vdisk.qcow2.open import read_header
+    from vdisk.engine.qcow2.open import read_header
 
     h = read_header(path, fd)
     f = ImageFile(fd, path)

@@ -1,0 +1,11 @@
+"""The qcow2 format driver (v2 and v3): open, create, check."""
+
+from __future__ import annotations
+
+from vdisk.engine.qcow2.check import CheckResult, check_qcow2
+from vdisk.engine.qcow2.create import create_qcow2
+from vdisk.engine.qcow2.header import is_qcow2
+from vdisk.engine.qcow2.image import Qcow2Image
+from vdisk.engine.qcow2.open import open_qcow2
+
+__all__ = ["CheckResult", "Qcow2Image", "check_qcow2", "create_qcow2", "is_qcow2", "open_qcow2"]

@@ -1,0 +1,1 @@
+"""The FUSE export: one raw file per drive, served by pyfuse3."""

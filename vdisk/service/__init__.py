@@ -1,0 +1,1 @@
+"""Process plumbing and the composition root: the daemon, its config, logs, mounts."""
