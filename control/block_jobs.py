@@ -12,16 +12,26 @@ are not given, they are taken from the backend at call time (`ctx.backend.jobs` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from control.errors import QMPError
-from control.jobs import JobManager, StreamDevice
+from control.errors import DEVICE_NOT_FOUND, GENERIC_ERROR, QMPError
+from control.jobs import JobManager, as_qmp_errors
 from control.registry import Context, Enum, Registry
+from vdisk.block.job import NEGATIVE_SPEED
+from vdisk.block.stream import StreamDevice
 
 Lookup = Callable[[str], StreamDevice | None]
 
+
+@runtime_checkable
+class JobsBackend(Protocol):
+    """What the block job commands need from the backend when not given them directly."""
+
+    jobs: JobManager
+
+    def block_device(self, drive_id: str) -> StreamDevice | None: ...
+
 ON_ERROR = Enum("report", "stop", "ignore")
-NEGATIVE_SPEED = "Parameter 'speed' expects a non-negative value"
 
 
 def register_block_jobs(
@@ -29,19 +39,24 @@ def register_block_jobs(
 ) -> None:
     """Add every block job command (with its aliases) to `registry`."""
 
+    def backend(ctx: Context) -> JobsBackend:
+        if not isinstance(ctx.backend, JobsBackend):
+            raise QMPError(GENERIC_ERROR, "this server runs no block jobs")
+        return ctx.backend
+
     def jobs(ctx: Context) -> JobManager:
-        return manager if manager is not None else ctx.backend.jobs  # type: ignore[attr-defined]
+        return manager if manager is not None else backend(ctx).jobs
 
     def device(ctx: Context, drive: str) -> StreamDevice:
-        find = lookup if lookup is not None else ctx.backend.block_device  # type: ignore[attr-defined]
+        find = lookup if lookup is not None else backend(ctx).block_device
         dev = find(drive)
         if dev is None:
-            raise QMPError("DeviceNotFound", f"Device '{drive}' not found")
+            raise QMPError(DEVICE_NOT_FOUND, f"Device '{drive}' not found")
         return dev
 
     def check_speed(speed: int) -> int:
         if speed < 0:
-            raise QMPError("GenericError", NEGATIVE_SPEED)
+            raise QMPError(GENERIC_ERROR, NEGATIVE_SPEED)
         return speed
 
     async def stream(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
@@ -61,24 +76,29 @@ def register_block_jobs(
 
     async def set_speed_old(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         speed = check_speed(args["value"])
-        jobs(ctx).find(args["device"]).set_speed(speed)
+        with as_qmp_errors():
+            jobs(ctx).find(args["device"]).set_speed(speed)
         return {}
 
     async def set_speed(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         speed = check_speed(args["speed"])
-        jobs(ctx).find(args["device"]).set_speed(speed)
+        with as_qmp_errors():
+            jobs(ctx).find(args["device"]).set_speed(speed)
         return {}
 
     async def cancel(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        jobs(ctx).find(args["device"]).cancel()
+        with as_qmp_errors():
+            jobs(ctx).find(args["device"]).cancel()
         return {}
 
     async def pause(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        jobs(ctx).find(args["device"]).pause()
+        with as_qmp_errors():
+            jobs(ctx).find(args["device"]).pause()
         return {}
 
     async def resume(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        jobs(ctx).find(args["device"]).resume()
+        with as_qmp_errors():
+            jobs(ctx).find(args["device"]).resume()
         return {}
 
     async def query(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:

@@ -9,9 +9,11 @@ import pytest
 import trio
 
 from control.errors import QMPError
-from control.jobs import JobManager, StreamJob, find_base
+from control.jobs import JobManager, qmp_error
 from vdisk.block.ratelimit import RateLimiter
+from vdisk.block.stream import StreamJob, find_base
 from vdisk.engine.image import Status
+from vdisk.errors import JobError
 
 MiB = 1 << 20
 CL = 64 * 1024
@@ -95,6 +97,16 @@ class FakeDevice:
         self.fail: dict[int, OSError] = {}
         self.calls: list[tuple[str, Any]] = []
         self.new_backing: Any = "unchanged"
+
+    io_busy = False
+
+    async def block_status(self, offset: int, length: int, *, base: Any = None
+                           ) -> tuple[int, int | None, Status]:
+        return await self.status(offset, length)
+
+    async def copy_up_step(self, offset: int, length: int, *, base: Any = None,
+                           zeroes: bool = True) -> int:
+        return await self.copy_up(offset, length, base=base)
 
     async def status(self, offset: int, length: int) -> tuple[int, int | None, Status]:
         c = offset // CL
@@ -195,9 +207,9 @@ async def test_pause_freezes_offset_and_cancel_keeps_backing(autojump_clock: tri
         await trio.sleep(1)
         assert job.offset > frozen and job.status == "running"
         job.cancel()
-        with pytest.raises(QMPError) as ei:
+        with pytest.raises(JobError) as ji:
             job.cancel()
-        assert ei.value.cls == "DeviceInUse"
+        assert qmp_error(ji.value).cls == "DeviceInUse"
         await job.done.wait()
     assert events == [("BLOCK_JOB_CANCELLED", job._event_data())]
     assert events[0][1]["offset"] < 16 * MiB
@@ -266,8 +278,9 @@ async def test_manager_errors_and_base() -> None:
         with pytest.raises(QMPError) as ei:
             mgr.start_stream("d0", dev)
         assert ei.value.cls == "NotSupported"
-        with pytest.raises(QMPError):
+        with pytest.raises(JobError) as ji:
             StreamJob("x", dev, speed=-1)
+        assert qmp_error(ji.value).cls == "GenericError"
 
 
 async def test_zero_runs_copied_only_when_a_base_stays() -> None:
@@ -320,8 +333,8 @@ async def test_random_control_sequences(seed: int, autojump_clock: trio.abc.Cloc
                     job.set_speed(rng.choice([0, 512 * 1024, 2 * MiB]))
                 elif op == "cancel" and rng.random() < 0.3:
                     job.cancel()
-            except QMPError as e:
-                assert e.cls in ("GenericError", "DeviceInUse")
+            except JobError as e:
+                assert qmp_error(e).cls in ("GenericError", "DeviceInUse")
             if job.paused and rng.random() < 0.5:
                 job.resume()
     finals = [e for e in events if e[0] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]

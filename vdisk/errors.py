@@ -34,3 +34,13 @@ class LockError(ImageError):
 
 class ReadOnlyError(ImageError):
     """A write was attempted on an image opened read-only."""
+
+
+class JobError(VdiskError):
+    """A block job refused a request. kind says why, in words the control plane maps to
+    its own error classes: 'invalid' (a bad argument or a verb the job's state refuses),
+    'in-use', 'not-active', 'not-supported' or 'base-not-found'."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

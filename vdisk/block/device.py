@@ -128,15 +128,11 @@ class BlockDevice:
     def _copy_in_kernel(self, off: int, run: int, src: Image) -> int:
         """Copy a run that src holds as plain data into the top with copy_file_range (no
         bytes through Python); the bytes done (a prefix), 0 if not possible here."""
-        locate = getattr(src, "data_location", None)
-        write_from = getattr(self.top, "write_from", None)
-        if locate is None or write_from is None:
-            return 0
-        loc = locate(off, run)
+        loc = src.data_location(off, run)
         if loc is None:
             return 0
         fd, host, n = loc
-        return int(write_from(off, fd, host, n))
+        return self.top.write_from(off, fd, host, n)
 
     async def _copy_up_locked(self, start: int, end: int, base: Image | None,
                               zeroes: bool = True,
@@ -278,6 +274,12 @@ class BlockDevice:
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
             return await self._copy_up_locked(start, end, base, zeroes)
+
+    async def block_status(self, offset: int, length: int, *, base: Image | None = None
+                           ) -> tuple[int, int | None, Status]:
+        """chain_status of the live chain above base: (run, depth or None, status)."""
+        self._check_open()
+        return await self._inline(partial(chain_status, self.top, base=base), offset, length)
 
     @property
     def io_busy(self) -> bool:

@@ -15,13 +15,12 @@ from typing import Any
 
 import trio
 
-from control.errors import QMPError
-from control.jobs import StreamJob, find_base
 from vdisk.block.device import BlockDevice
+from vdisk.block.stream import StreamJob, find_base
 from vdisk.cli._common import parse_size
 from vdisk.cli._progress import Progress
 from vdisk.engine.chain import open_chain
-from vdisk.errors import VdiskError
+from vdisk.errors import JobError, VdiskError
 
 REFRESH = 0.2  # seconds between progress updates
 
@@ -60,7 +59,7 @@ async def _stream(path: str, base_name: str | None, speed: int) -> int:
             raise VdiskError(f"{path}: cannot stream into a {top.format_name} image (qcow2 only)")
         try:
             base = find_base(top, base_name) if base_name is not None else None
-        except QMPError:
+        except JobError:
             raise VdiskError(f"{path}: --base {base_name!r} is not in its backing chain") from None
         events: list[tuple[str, dict[str, Any]]] = []
         progress = Progress()

@@ -55,6 +55,20 @@ class Image(abc.ABC):
         Bytes past the end of a shorter backing image read as zeroes.
         """
 
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """read() into buf (len(buf) bytes at offset); drivers may avoid the copy."""
+        buf[:] = self.read(offset, len(buf))
+
+    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """(fd, host offset, bytes) when a prefix of the range is plain data in this file,
+        for copying it in the kernel; None when it is not (the default)."""
+        return None
+
+    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
+        """Write length bytes that fd holds at src, with copy_file_range where the
+        driver can; the bytes written (a prefix), 0 when it cannot (the default)."""
+        return 0
+
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write data; partial clusters are completed from the backing chain (COW)."""
