@@ -154,7 +154,7 @@ class JSONSplitter:
         self._pos = at + 1
         self._reset_value()
 
-    def feed(self, data: bytes) -> list[bytes | _Broken]:
+    def feed(self, data: bytes | bytearray) -> list[bytes | _Broken]:
         out: list[bytes | _Broken] = []
         if self.broken:
             return out

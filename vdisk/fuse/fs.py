@@ -9,13 +9,13 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import pyfuse3
 import trio
 
 from vdisk.block.device import BlockDevice
-from vdisk.errors import VdiskError
+from vdisk.errors import ReadOnlyError, VdiskError
 
 log = logging.getLogger("vdisk.fuse")
 
@@ -28,7 +28,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 TIMEOUT = 3600.0  # attributes never change behind the kernel's back
 
 
-async def _reraise(e: BaseException) -> None:
+async def _reraise(e: BaseException) -> NoReturn:
     raise e
 
 
@@ -41,6 +41,9 @@ async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
     except OSError as e:
         log.debug("%s: %s", what, e)
         raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    except ReadOnlyError as e:  # e.g. an image marked corrupt at run time
+        log.debug("%s: %s", what, e)
+        raise pyfuse3.FUSEError(errno.EROFS) from None
     except VdiskError as e:  # e.g. corruption found at run time: one line, EIO
         log.error("%s: %s", what, e)
         raise pyfuse3.FUSEError(errno.EIO) from None

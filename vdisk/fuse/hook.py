@@ -23,8 +23,12 @@ import logging
 import os
 import struct
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import pyfuse3
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr
 
 log = logging.getLogger("vdisk.fuse")
 
@@ -61,9 +65,10 @@ class _State:
     handler: FallocateHandler | None = None
     lseek_handler: LseekHandler | None = None
     spawn: Callable[..., object] | None = None
-    fallocate_cb: object = None  # ctypes callbacks C holds pointers to: keep them alive
-    lseek_cb: object = None
-    shim: object = None
+    # ctypes callbacks C holds pointers to: keep them alive
+    fallocate_cb: CFuncPtr | None = None
+    lseek_cb: CFuncPtr | None = None
+    shim: CFuncPtr | None = None
     tables: list[object] = []
 
 
@@ -172,7 +177,7 @@ def _session_new(args: int, ops: int, op_size: int, userdata: int) -> int:
     table = ctypes.create_string_buffer(max(op_size, (_LSEEK_SLOT + 1) * _PTR))
     ctypes.memmove(table, ops, op_size)
     for slot, cb in ((_FALLOCATE_SLOT, _State.fallocate_cb), (_LSEEK_SLOT, _State.lseek_cb)):
-        if (slot + 1) * _PTR <= op_size:  # libfuse only reads op_size bytes of the table
+        if cb is not None and (slot + 1) * _PTR <= op_size:  # libfuse reads op_size bytes
             ptr = ctypes.cast(cb, ctypes.c_void_p).value
             ctypes.c_void_p.from_buffer(table, slot * _PTR).value = ptr
     _State.tables.append(table)  # libfuse copies the table, but keep it anyway
@@ -193,6 +198,8 @@ def install() -> bool:
         slot = _load_base(so_path) + _got_slot(so_path, "fuse_session_new")
         lib = ctypes.CDLL("libfuse3.so.3")
         real = ctypes.cast(lib.fuse_session_new, ctypes.c_void_p).value
+        if real is None:
+            raise OSError("libfuse3 has no fuse_session_new")
         _State.real_new = _SESSION_NEW(real)
         reply = lib.fuse_reply_err
         reply.argtypes = [ctypes.c_void_p, ctypes.c_int]
