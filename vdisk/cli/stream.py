@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from vdisk.block import loop_guard
 from vdisk.block.device import BlockDevice
 from vdisk.block.stream import StreamJob, find_base
 from vdisk.cli._common import parse_size
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     speed = parse_size(args.speed, "--speed")
+    loop_guard.install()
     return trio.run(_stream, args.image, args.base, speed)
 
 

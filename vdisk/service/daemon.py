@@ -31,6 +31,7 @@ from control.builtin import make_registry
 from control.events import EventBus
 from control.jobs import JobManager
 from control.server import serve_qmp
+from vdisk.block import loop_guard
 from vdisk.block.device import BlockDevice
 from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import VdiskError
@@ -360,4 +361,5 @@ def serve(
 ) -> None:
     """Run the daemon to completion (blocks); errors as VdiskError/OSError. on_ready is
     called once the mount is live and QMP listens; on_reopen on SIGUSR1."""
+    loop_guard.install()
     trio.run(Daemon(config, on_ready, on_reopen).run)
