@@ -359,8 +359,6 @@ class BlockDevice:
 
     async def close(self) -> None:
         """Flush (if writable) and close every image of the chain. Idempotent."""
-        if self._closed:
-            return
         async with self._locks.hold_all():
             if self._closed:
                 return

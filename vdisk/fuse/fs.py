@@ -152,19 +152,25 @@ class DriveFS(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    async def create(self, parent_inode, name, mode, flags, ctx):  # type: ignore[no-untyped-def]
+    # The drives are fixed: no names are created, removed or renamed.
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):  # type: ignore[no-untyped-def]
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):  # type: ignore[no-untyped-def]
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def unlink(self, parent_inode, name, ctx):  # type: ignore[no-untyped-def]
+    async def unlink(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, *args):  # type: ignore[no-untyped-def]
+    async def rename(self, *args: object) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # -- data -----------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _single(exc: BaseException) -> BaseException:
     return exc
 
 
-def _job_event_logger(emit: Callable[[str, dict[str, Any]], None]
+def _job_event_logger(emit: Callable[[str, dict[str, Any]], object]
                       ) -> Callable[[str, dict[str, Any]], None]:
     """emit, logging the end of every block job (and its errors) with its figures."""
 
