@@ -150,7 +150,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "check", help="check (and repair) a qcow2 image's metadata",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

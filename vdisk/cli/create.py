@@ -133,7 +133,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "create", help="create a new qcow2 or raw image",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -107,7 +107,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "info", help="show an image's format, size and backing file",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

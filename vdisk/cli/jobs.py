@@ -23,7 +23,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "jobs", help="show the block jobs of a running daemon",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -145,7 +145,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "map", help="show where each range of an image's data comes from",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -95,7 +95,7 @@ it on); --drive options add drives to the file's [[drive]] tables.
 """
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve drives as raw files over FUSE, with a QMP control socket",

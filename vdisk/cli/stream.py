@@ -33,7 +33,7 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stream",
         help="copy the backing chain's data into an image and drop (or shorten) its chain",
