@@ -1,0 +1,83 @@
+"""A fault-injecting FUSE file for tests: serves SRC read-only as MOUNT/disk, failing reads
+that touch [BAD_START, BAD_END) with EIO, unless the file SRC.ok exists.
+
+    python tests/helpers/faulty_fs.py SRC MOUNT BAD_START BAD_END
+
+Runs until unmounted (fusermount3 -u MOUNT) or killed. direct_io keeps the kernel from
+caching, so every read reaches this process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+INO = pyfuse3.ROOT_INODE + 1
+NAME = b"disk"
+
+
+class FaultyFile(pyfuse3.Operations):
+    def __init__(self, src: str, bad: tuple[int, int]) -> None:
+        super().__init__()
+        self.src = src
+        self.fd = os.open(src, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.bad = bad
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o755, 2, 0
+        elif inode == INO:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o644, 1, self.size
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        a.st_blksize = 4096
+        return a
+
+    async def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        if parent != pyfuse3.ROOT_INODE or name != NAME:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.getattr(INO)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, NAME, await self.getattr(INO), 1)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode != INO:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=INO, direct_io=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        lo, hi = self.bad
+        if off < hi and lo < off + size and not os.path.exists(self.src + ".ok"):
+            raise pyfuse3.FUSEError(errno.EIO)
+        return os.pread(self.fd, size, off)
+
+
+def main() -> None:
+    src, mount, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    ops = FaultyFile(src, (lo, hi))
+    pyfuse3.init(ops, mount, {"fsname=eiofuse", "ro"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main()

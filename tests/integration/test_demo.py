@@ -1,0 +1,145 @@
+"""`vdisk demo` end to end: it succeeds, verifies, and leaves nothing behind (also on Ctrl-C)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vdisk.cli import _demo as demo_mod
+from vdisk.errors import VdiskError
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 60
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TMPDIR"] = str(tmp_path)  # the demo's folder is created here
+    return env
+
+
+def _leftovers(tmp_path: Path) -> list[str]:
+    """Mounts, loop devices and processes that still refer to tmp_path; files in it."""
+    found = []
+    where = str(tmp_path)
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if where in line.split()[4]]
+    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True, check=False)
+    found += [f"loop {line}" for line in res.stdout.splitlines() if where in line]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if where.encode() in cmdline:
+                found.append(f"process {pid}: {cmdline.decode(errors='replace')}")
+    found += [f"file {p}" for p in tmp_path.iterdir()]
+    return found
+
+
+def _demo(tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vdisk", "demo"], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+
+
+def _loop_possible() -> bool:
+    return demo_mod.loop_unavailable() is None
+
+
+def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
+    proc = _demo(tmp_path)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert "\x1b[" not in out  # not a TTY: plain progress lines
+    assert "Checksums verified" in out
+    assert "BLOCK_JOB_COMPLETED" in out
+    assert "backing_file_depth 0" in out
+    assert "top.qcow2: qcow2, 64.0 MiB" in out and "backing base.raw" in out
+    assert "no backing file" in out.split("6. ")[1]  # the chain after the stream
+    if _loop_possible():
+        assert "mounted its ext4 read-only" in out, out
+        assert "8 files" in out
+    assert _leftovers(tmp_path) == []
+
+
+def test_demo_sigint_midway_cleans_up(tmp_path: Path) -> None:
+    proc = _demo(tmp_path)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("4. Streaming"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(lines) + proc.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert any(x.startswith("4. Streaming") for x in lines), "".join(lines)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    assert "Interrupted: cleaned up" in out
+    assert "Checksums verified" not in out
+    assert _leftovers(tmp_path) == []
+
+
+def test_demo_without_loop_reads_the_raw_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(demo_mod, "loop_unavailable", lambda: "not running as root")
+    monkeypatch.setattr(demo_mod, "READ_PAUSE", 0.0)
+    out = io.StringIO()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert demo_mod.run_demo(out, speed=64 << 20) == 0
+    text = out.getvalue()
+    assert "Skipping the loop mount (not running as root)" in text
+    assert "the whole 64.0 MiB disk" in text and "Checksums verified" in text
+    assert _leftovers(tmp_path) == []
+
+
+def test_demo_reports_a_failed_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that cannot start: one clear error, and still nothing left behind."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(demo_mod, "DRIVE", "bad/id")  # refused by vdisk serve
+    with pytest.raises(VdiskError, match="vdisk serve exited with status 1"):
+        demo_mod.run_demo(io.StringIO())
+    assert _leftovers(tmp_path) == []
+
+
+def test_scripts_run_passes_arguments_and_exit_status(tmp_path: Path) -> None:
+    """scripts/run sets up (idempotent), then runs vdisk with the arguments, from any folder."""
+    run = ROOT / "scripts" / "run"
+    ok = subprocess.run([str(run), "--version"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, stdin=subprocess.DEVNULL)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("vdisk ")
+    bad = subprocess.run([str(run), "info", str(tmp_path / "missing.qcow2")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("vdisk: ")
+    assert "Traceback" not in bad.stderr
