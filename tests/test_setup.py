@@ -105,7 +105,8 @@ def test_setup_rebuilds_the_venv_a_failed_python3_venv_left(set_up: SetUp) -> No
     assert res.stderr.splitlines()[0] == (
         "setup: .venv does not work: it has no pip (left by a failed 'python3 -m venv'?); "
         "rebuilding it"), res.stderr
-    assert "setup: installing vdisk and its Python packages into .venv" in res.stderr
+    assert ("setup: installing vdisk and its Python packages into .venv (pip, about a minute: "
+            "it builds pyfuse3 from source)") in res.stderr
     assert "Traceback" not in res.stderr
     venv = set_up.copy / ".venv"
     assert venv_problem(venv) == ""
