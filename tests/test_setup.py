@@ -261,10 +261,11 @@ def test_setup_without_root_or_sudo_says_what_to_do(set_up: SetUp, tmp_path: Pat
     user = pwd.getpwuid(uid).pw_name
     assert res.stderr.splitlines() == [
         "setup: missing OS packages: vdisk-no-such-package",
-        "setup: installing them needs root, and sudo is not installed. Either run this command",
-        "setup: once as root, or, as root, install the packages yourself:",
-        "setup:     apt-get install --no-install-recommends vdisk-no-such-package",
-        f"setup: or install sudo (apt-get install sudo; adduser {user} sudo) and run it again.",
+        "setup: installing them needs root, and sudo is not installed. As root, run:",
+        "setup:     apt-get update && apt-get install --no-install-recommends "
+        "vdisk-no-such-package",
+        f"setup: then run this command again as {user}. (Or install sudo, as root:",
+        f"setup: apt-get install sudo; adduser {user} sudo; then log in again and rerun.)",
     ]
 
 
