@@ -43,6 +43,9 @@ class Image(abc.ABC):
     backing: Image | None  # the opened backing image, attached by the chain opener
     backing_name: str | None  # the backing file name as stored in the header
     backing_format: str | None  # from the backing-format extension, or None
+    # True when the chain opener probed this image's format (no format given, no backing
+    # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
+    probed: bool = False
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:

@@ -13,10 +13,10 @@ import struct
 import sys
 from typing import Any
 
-from vdisk.chain import check_plain_file, probe_format
-from vdisk.cli._common import UsageError
+from vdisk.chain import check_plain_file, probe_servable
+from vdisk.cli._common import FORMAT_HINT, UsageError, lock_hint
 from vdisk.cli._qcow2stats import check_stats
-from vdisk.errors import ImageError
+from vdisk.errors import ImageError, LockError
 
 
 def _int(result: Any, name: str) -> int:
@@ -113,7 +113,7 @@ def _check_unlocked(path: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     check_plain_file(path, "image")
-    fmt = args.format or probe_format(path)
+    fmt = args.format or probe_servable(path, FORMAT_HINT)
     if fmt not in ("qcow2", "raw"):
         raise UsageError(f"unknown format {fmt!r} (use qcow2 or raw)")
     if fmt == "raw":
@@ -128,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.force_share:
         result = check_qcow2(path, repair=None, force_share=True)
     else:
-        result = check_qcow2(path, repair=args.repair)
+        try:
+            result = check_qcow2(path, repair=args.repair)
+        except LockError as e:
+            if args.repair:
+                raise  # repairing needs the lock: stop the other user first
+            raise lock_hint(e) from None
     for msg in getattr(result, "messages", None) or []:
         print(msg, file=sys.stderr)
     try:

@@ -18,7 +18,7 @@ import trio
 from control.errors import QMPError
 from control.jobs import StreamJob, find_base
 from vdisk.chain import open_chain
-from vdisk.cli._common import parse_size
+from vdisk.cli._common import add_owner_check_option, parse_size
 from vdisk.cli._progress import Progress
 from vdisk.device import BlockDevice
 from vdisk.errors import VdiskError
@@ -44,16 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", help="the image to flatten (qcow2)")
     p.add_argument("--base", help="keep this backing image (and what is below it)")
     p.add_argument("--speed", default="0", help="bytes per second (K/M/G suffixes), 0 = unlimited")
+    add_owner_check_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     speed = parse_size(args.speed, "--speed")
-    return trio.run(_stream, args.image, args.base, speed)
+    return trio.run(_stream, args.image, args.base, speed, args.backing_owner_check == "on")
 
 
-async def _stream(path: str, base_name: str | None, speed: int) -> int:
-    top = open_chain(path)
+async def _stream(path: str, base_name: str | None, speed: int, owner_check: bool) -> int:
+    top = open_chain(path, backing_owner_check=owner_check,
+                     format_hint="only qcow2 images can be streamed into")
     dev = BlockDevice("stream", top, copy_on_read=False, read_only=False)
     try:
         if top.format_name != "qcow2":
