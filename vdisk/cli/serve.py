@@ -13,8 +13,9 @@ the drive's virtual size (it never grows; fallocate punch-hole/zero-range and
 SEEK_DATA/SEEK_HOLE work). Copy-on-read is on by default for read-write drives.
 A backing file that the owner of an image above it could not read is refused, unless
 the drive says backing-owner-check=off (see docs/SECURITY.md).
-DIR is created if missing; a dead vdisk mount left there by a killed daemon is
-lazily unmounted; any other mount, or a non-empty DIR, is refused.
+DIR is created if missing (and removed again if the start fails); a dead vdisk mount
+left there by a killed daemon is lazily unmounted; any other mount, or a non-empty DIR,
+is refused.
 """
 
 from __future__ import annotations
