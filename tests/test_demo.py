@@ -55,10 +55,17 @@ def _leftovers(tmp_path: Path) -> list[str]:
     return found
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`scripts/test &`, nohup) inherits SIGINT ignored,
+    # and Python keeps it so: the demo would never see the test's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo(tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vdisk", "demo"], cwd=ROOT,
                             env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _loop_possible() -> bool:

@@ -275,8 +275,11 @@ def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int) -> subprocess.Comp
     os.mknod(node, stat.S_IFCHR | fuse_mode, os.stat("/dev/fuse").st_rdev)
     node.chmod(fuse_mode)  # mknod's mode went through the umask
     uid, gid = _nobody()
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           'mount --bind "$1" /dev/fuse && shift && exec "$@"', "sh", str(node),
+    # Only the mount that holds /dev/fuse is made private ("/" may be no mount point, as
+    # in a chroot), so that the bind mount stays in this namespace.
+    script = ('set -e; mount --make-rprivate "$(findmnt -no TARGET -T /dev/fuse)"; '
+              'mount --bind "$1" /dev/fuse; shift; exec "$@"')
+    cmd = ["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script, "sh", str(node),
            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
            "env", "-i", f"PATH={PLAIN_PATH}", f"HOME={home}", f"TMPDIR={home}",
            str(set_up.copy / "scripts" / "run"), "demo", "--speed", "64M"]
