@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +18,19 @@ from vdisk.errors import VdiskError
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60
+LOSETUP = demo_mod.find_tool("losetup") or "losetup"  # before any test changes PATH
+
+
+def _plain_path() -> str:
+    """PATH without the sbin folders, as a normal user has it on Debian."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if not d.rstrip("/").endswith("/sbin"))
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["TMPDIR"] = str(tmp_path)  # the demo's folder is created here
+    env["PATH"] = _plain_path()  # mkfs.ext4, losetup, mount: the demo finds them in sbin
     return env
 
 
@@ -30,7 +40,7 @@ def _leftovers(tmp_path: Path) -> list[str]:
     where = str(tmp_path)
     with open("/proc/self/mountinfo") as f:
         found += [f"mount {line.split()[4]}" for line in f if where in line.split()[4]]
-    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+    res = subprocess.run([LOSETUP, "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                          capture_output=True, text=True, check=False)
     found += [f"loop {line}" for line in res.stdout.splitlines() if where in line]
     for pid in os.listdir("/proc"):
@@ -45,10 +55,17 @@ def _leftovers(tmp_path: Path) -> list[str]:
     return found
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`scripts/test &`, nohup) inherits SIGINT ignored,
+    # and Python keeps it so: the demo would never see the test's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo(tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vdisk", "demo"], cwd=ROOT,
                             env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _loop_possible() -> bool:
@@ -74,6 +91,8 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     if _loop_possible():
         assert "mounted its ext4 read-only" in out, out
         assert "8 files" in out
+        assert re.search(r"^6\. Unmounted fs/, detached /dev/loop\d+, stopped the daemon ",
+                         out, flags=re.M), out
     assert _leftovers(tmp_path) == []
 
 
@@ -114,6 +133,8 @@ def test_demo_without_loop_reads_the_raw_file(
     text = out.getvalue()
     assert "Skipping the loop mount (not running as root)" in text
     assert "the whole 64.0 MiB disk" in text and "Checksums verified" in text
+    assert "6. Stopped the daemon (SIGTERM), which unmounted mnt/. The chain now:" in text
+    assert "detached" not in text and "Unmounted" not in text
     assert _leftovers(tmp_path) == []
 
 
@@ -143,3 +164,40 @@ def test_scripts_run_passes_arguments_and_exit_status(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("vdisk: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_tools_are_found_in_sbin_without_it_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _plain_path())
+    for name in ("mkfs.ext4", "losetup"):
+        assert shutil.which(name) is None, f"{name} is on {_plain_path()}"
+        found = demo_mod.find_tool(name)
+        assert found is not None, name
+        assert os.path.dirname(found) in demo_mod.SBIN_DIRS and os.access(found, os.X_OK)
+    assert demo_mod.find_tool("vdisk-no-such-tool") is None
+
+
+def test_demo_names_a_missing_tool_and_its_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("TMPDIR", str(work))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("PATH", str(nowhere))
+    monkeypatch.setattr(demo_mod, "SBIN_DIRS", (str(nowhere),))
+    with pytest.raises(VdiskError) as err:
+        demo_mod.run_demo(io.StringIO())
+    assert str(err.value) == (f"demo failed: mkfs.ext4 is not installed (Debian/Ubuntu package "
+                              f"e2fsprogs): not on PATH, nor in {nowhere}")
+    assert _leftovers(work) == []
+
+
+def test_fuse_unavailable_names_a_missing_device(tmp_path: Path) -> None:
+    assert demo_mod.fuse_unavailable(str(tmp_path / "fuse")) == (
+        f"there is no {tmp_path / 'fuse'} (load the kernel module: modprobe fuse; in a "
+        "container, pass the device in)")
+    assert demo_mod.fuse_unavailable() is None  # this suite serves through /dev/fuse

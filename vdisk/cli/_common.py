@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -12,10 +13,10 @@ from vdisk.engine.chain import (
     open_chain,
     open_image,
     path_combine,
-    probe_format,
+    probe_servable,
 )
 from vdisk.engine.image import Image
-from vdisk.errors import VdiskError
+from vdisk.errors import LockError, VdiskError
 
 _SUFFIXES = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)\s*$")
@@ -77,12 +78,36 @@ def layer_names(top: Image, given: str) -> list[str]:
     return names
 
 
-def open_top(path: str, fmt: str | None, *, chain: bool, force_share: bool) -> Image:
+FORMAT_HINT = "give -f raw to open it as raw"
+FORCE_SHARE_HINT = "-U (--force-share) inspects it read-only without taking locks"
+
+
+def add_owner_check_option(p: argparse.ArgumentParser) -> None:
+    """--backing-owner-check on|off (see vdisk.engine.chain and docs/SECURITY.md)."""
+    p.add_argument(
+        "--backing-owner-check", choices=("on", "off"), default="on",
+        help="off: also open backing files that the owner of an image above them could "
+        "not read (default on: such chains are refused)",
+    )
+
+
+def lock_hint(e: LockError) -> LockError:
+    """e, with the hint that -U inspects a locked image (for read-only commands)."""
+    return LockError(e.path, f"{e.reason}; {FORCE_SHARE_HINT}")
+
+
+def open_top(path: str, fmt: str | None, *, chain: bool, force_share: bool,
+             owner_check: bool = True) -> Image:
     """Open read-only for inspection: the whole chain, or only the named file."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (use qcow2 or raw)")
-    if chain:
-        return open_chain(path, fmt=fmt, read_only=True, force_share=force_share)
-    apath = os.path.abspath(path)
-    check_plain_file(apath, "image")
-    return open_image(apath, fmt or probe_format(apath), read_only=True, force_share=force_share)
+    try:
+        if chain:
+            return open_chain(path, fmt=fmt, read_only=True, force_share=force_share,
+                              backing_owner_check=owner_check, format_hint=FORMAT_HINT)
+        apath = os.path.abspath(path)
+        check_plain_file(apath, "image")
+        return open_image(apath, fmt or probe_servable(apath, FORMAT_HINT), read_only=True,
+                          force_share=force_share)
+    except LockError as e:
+        raise lock_hint(e) from None

@@ -8,12 +8,15 @@ the teardown keeps its order), then the folder is deleted.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,10 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 POLL = 0.2
 DRIVE = "disk0"
+# Where Debian keeps mkfs.ext4, losetup and mount: not on a normal user's PATH.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+PACKAGES = {"mkfs.ext4": "e2fsprogs", "losetup": "util-linux", "mount": "mount",
+            "umount": "mount", "fusermount3": "fuse3"}  # Debian's name for each tool
 
 
 @dataclass
@@ -71,9 +78,26 @@ def sha256_file(path: str, pause: Callable[[], None] | None = None) -> str:
     return h.hexdigest()
 
 
+def find_tool(name: str) -> str | None:
+    """The path of a host tool: on PATH, else in the sbin folders; None if neither."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
+def tool(name: str) -> str:
+    """find_tool, or VdiskError saying that the tool is missing and what provides it."""
+    path = find_tool(name)
+    if path is None:
+        package = PACKAGES.get(name)
+        hint = f" (Debian/Ubuntu package {package})" if package else ""
+        raise VdiskError(f"{name} is not installed{hint}: not on PATH, nor in "
+                         f"{', '.join(SBIN_DIRS)}")
+    return path
+
+
 def _run(*cmd: str) -> str:
     """Run a host tool; its stdout, or VdiskError with its last stderr line."""
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run([tool(cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         err = res.stderr.strip().splitlines()
         raise VdiskError(f"{cmd[0]} failed: {err[-1] if err else f'exit {res.returncode}'}")
@@ -184,14 +208,51 @@ def stop_daemon(demo: Demo) -> int | None:
             proc.kill()
             proc.wait()
     mnt = os.path.realpath(demo.p("mnt"))
-    if _mounted(mnt):  # only if the daemon died without unmounting
-        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, check=False)
+    fusermount = find_tool("fusermount3")
+    if _mounted(mnt) and fusermount:  # only if the daemon died without unmounting
+        subprocess.run([fusermount, "-u", "-z", mnt], capture_output=True, check=False)
     return proc.returncode
 
 
 def _mounted(path: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(len(line.split()) > 4 and line.split()[4] == path for line in f)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
+    """Why this user cannot serve a FUSE file system here, or None if it can."""
+    if not os.path.exists(device):
+        return (f"there is no {device} (load the kernel module: modprobe fuse; "
+                "in a container, pass the device in)")
+    if not os.access(device, os.R_OK | os.W_OK):
+        st, user = os.stat(device), _user_name(os.geteuid())
+        return (f"{device} is {stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:"
+                f"{_group(st.st_gid)}, so user {user} cannot open it. Run the demo as root, "
+                f"or give {user} read and write access to {device} (for example a group "
+                "that owns it, with mode 0660)")
+    if os.geteuid() != 0:
+        path = find_tool("fusermount3")
+        if path is None:
+            return ("fusermount3 is not installed (Debian/Ubuntu package fuse3); users "
+                    "other than root need it to mount")
+        st = os.stat(path)
+        if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
+            return f"{path} is not setuid root, so users other than root cannot mount with it"
+    return None
 
 
 # -- the mount -----------------------------------------------------------------------
@@ -202,9 +263,9 @@ def loop_unavailable() -> str | None:
         return "not running as root"
     if not os.path.exists("/dev/loop-control"):
         return "no /dev/loop-control"
-    for tool in ("losetup", "mount", "umount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
+    for name in ("losetup", "mount", "umount"):
+        if find_tool(name) is None:
+            return f"{name} is not installed"
     return None
 
 
@@ -313,14 +374,16 @@ def teardown(demo: Demo, keep_folder: bool = False) -> list[str]:
     """Release everything (each step independent of the others); what failed."""
     problems = []
     if demo.fs_mounted:
-        res = subprocess.run(["umount", demo.p("fs")], capture_output=True, check=False)
+        umount = find_tool("umount") or "umount"
+        res = subprocess.run([umount, demo.p("fs")], capture_output=True, check=False)
         if res.returncode != 0:
-            subprocess.run(["umount", "-l", demo.p("fs")], capture_output=True, check=False)
+            subprocess.run([umount, "-l", demo.p("fs")], capture_output=True, check=False)
         if _mounted(os.path.realpath(demo.p("fs"))):
             problems.append(f"could not unmount {demo.p('fs')}")
         demo.fs_mounted = False
     if demo.loop is not None:
-        res = subprocess.run(["losetup", "-d", demo.loop], capture_output=True, check=False)
+        losetup = find_tool("losetup") or "losetup"
+        res = subprocess.run([losetup, "-d", demo.loop], capture_output=True, check=False)
         if res.returncode != 0:
             problems.append(f"losetup -d {demo.loop} failed")
         demo.loop = None
@@ -338,6 +401,9 @@ def teardown(demo: Demo, keep_folder: bool = False) -> list[str]:
 
 
 def main_steps(demo: Demo) -> None:
+    why = fuse_unavailable()
+    if why is not None:
+        raise VdiskError(f"cannot serve the disk through FUSE: {why}")
     sums = build_chain(demo)
     with open(demo.p("base.raw"), "rb") as f:
         disk_sum = hashlib.sha256(f.read()).hexdigest()
@@ -355,10 +421,14 @@ def main_steps(demo: Demo) -> None:
     what = f"{len(expect)} files" if mounted else f"the whole {human(SIZE)} disk"
     demo.say(f"5. Checksums verified: sha256 of {what} read during the stream match "
              "the originals.")
+    loop = demo.loop
     for problem in teardown(demo, keep_folder=True):
         raise VdiskError(problem)
-    demo.say("6. Unmounted, detached the loop device, stopped the daemon (SIGTERM). "
-             "The chain now:")
+    if mounted:
+        demo.say(f"6. Unmounted fs/, detached {loop}, stopped the daemon (SIGTERM). "
+                 "The chain now:")
+    else:
+        demo.say("6. Stopped the daemon (SIGTERM), which unmounted mnt/. The chain now:")
     for line in chain_lines(demo.p("top.qcow2")):
         demo.say(line)
     top = open_chain(demo.p("top.qcow2"), read_only=True)

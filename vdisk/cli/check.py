@@ -6,53 +6,36 @@ Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaks only, 1 check err
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import struct
 import sys
 from typing import Any
 
-from vdisk.cli._common import UsageError
+from vdisk.cli._common import FORMAT_HINT, UsageError, lock_hint
 from vdisk.cli._qcow2stats import check_stats
-from vdisk.engine.chain import check_plain_file, probe_format
-from vdisk.errors import ImageError
+from vdisk.engine.chain import check_plain_file, probe_servable
+from vdisk.engine.qcow2 import CheckResult, check_qcow2
+from vdisk.errors import LockError
 
 
-def _int(result: Any, name: str) -> int:
-    value = getattr(result, name, 0)
-    return int(value or 0)
-
-
-def _fixed(result: Any) -> tuple[int, int]:
-    """(leaks fixed, corruptions fixed) from whatever shape the result reports."""
-    if hasattr(result, "leaks_fixed") or hasattr(result, "corruptions_fixed"):
-        return _int(result, "leaks_fixed"), _int(result, "corruptions_fixed")
-    fixed = getattr(result, "fixed", None)
-    if isinstance(fixed, dict):
-        return int(fixed.get("leaks", 0)), int(fixed.get("corruptions", 0))
-    if isinstance(fixed, (tuple, list)) and len(fixed) == 2:
-        return int(fixed[0]), int(fixed[1])
-    return 0, 0
-
-
-def exit_code(result: Any) -> int:
-    if _int(result, "check_errors"):
+def exit_code(result: CheckResult) -> int:
+    if result.check_errors:
         return 1
-    if _int(result, "corruptions"):
+    if result.corruptions:
         return 2
-    if _int(result, "leaks"):
+    if result.leaks:
         return 3
     return 0
 
 
-def as_json(result: Any, filename: str, stats: dict[str, int]) -> dict[str, Any]:
+def as_json(result: CheckResult, filename: str, stats: dict[str, int]) -> dict[str, Any]:
     doc: dict[str, Any] = {"filename": filename, "format": "qcow2",
-                           "check-errors": _int(result, "check_errors")}
-    for key in ("corruptions", "leaks"):
-        if _int(result, key):
-            doc[key] = _int(result, key)
-    leaks_fixed, corr_fixed = _fixed(result)
+                           "check-errors": result.check_errors}
+    for key, count in (("corruptions", result.corruptions), ("leaks", result.leaks)):
+        if count:
+            doc[key] = count
+    leaks_fixed, corr_fixed = result.leaks_fixed, result.corruptions_fixed
     if leaks_fixed:
         doc["leaks-fixed"] = leaks_fixed
     if corr_fixed:
@@ -63,10 +46,10 @@ def as_json(result: Any, filename: str, stats: dict[str, int]) -> dict[str, Any]
     return doc
 
 
-def as_human(result: Any, stats: dict[str, int]) -> str:
-    corr, leaks, errs = (_int(result, k) for k in ("corruptions", "leaks", "check_errors"))
+def as_human(result: CheckResult, stats: dict[str, int]) -> str:
+    corr, leaks, errs = result.corruptions, result.leaks, result.check_errors
     out: list[str] = []
-    leaks_fixed, corr_fixed = _fixed(result)
+    leaks_fixed, corr_fixed = result.leaks_fixed, result.corruptions_fixed
     if leaks_fixed or corr_fixed:
         out.append("The following inconsistencies were found and repaired:\n")
         out.append(f"    {leaks_fixed} leaked clusters")
@@ -94,26 +77,10 @@ def as_human(result: Any, stats: dict[str, int]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _check_unlocked(path: str) -> Any:
-    """A read-only check without locks (-U), from the checker's own steps."""
-    from vdisk.engine.qcow2 import check as qcheck
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(path, f"cannot open: {e.strerror}") from None
-    try:
-        return qcheck._run(path, fd, False, False)
-    except OSError as e:
-        raise ImageError(path, f"cannot check: {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
 def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     check_plain_file(path, "image")
-    fmt = args.format or probe_format(path)
+    fmt = args.format or probe_servable(path, FORMAT_HINT)
     if fmt not in ("qcow2", "raw"):
         raise UsageError(f"unknown format {fmt!r} (use qcow2 or raw)")
     if fmt == "raw":
@@ -121,15 +88,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.repair and args.force_share:
         raise UsageError("-r cannot be combined with -U (repair needs the write lock)")
-    from vdisk.engine.qcow2 import check_qcow2
-
-    if args.force_share and "force_share" not in inspect.signature(check_qcow2).parameters:
-        result = _check_unlocked(path)
-    elif args.force_share:
+    if args.force_share:
         result = check_qcow2(path, repair=None, force_share=True)
     else:
-        result = check_qcow2(path, repair=args.repair)
-    for msg in getattr(result, "messages", None) or []:
+        try:
+            result = check_qcow2(path, repair=args.repair)
+        except LockError as e:
+            if args.repair:
+                raise  # repairing needs the lock: stop the other user first
+            raise lock_hint(e) from None
+    for msg in result.messages:
         print(msg, file=sys.stderr)
     try:
         stats = check_stats(path)

@@ -11,7 +11,7 @@ from vdisk.engine.chain import (
     FORMATS,
     open_image,
     plain_backing_name,
-    probe_format,
+    probe_servable,
     resolve_backing,
 )
 from vdisk.engine.raw import SECTOR, create_raw, round_up
@@ -77,7 +77,7 @@ def _backing(args: argparse.Namespace, path: str) -> tuple[str | None, int | Non
     bpath = resolve_backing(path, name)
     if os.path.exists(path) and os.path.samefile(bpath, path):
         raise UsageError(f"{args.file}: an image cannot be its own backing file")
-    bfmt = bfmt or probe_format(bpath)
+    bfmt = bfmt or probe_servable(bpath, "give -F raw to use it as a raw backing file")
     # like qemu-img: open the backing file alone, read-only, sharing it with its user
     img = open_image(bpath, bfmt, read_only=True, force_share=True)
     try:

@@ -1,8 +1,11 @@
 """`vdisk demo`: build a small chain, serve it, stream it live and check it, then clean up.
 
 Runs in a temporary folder (under $TMPDIR) that is removed at the end, also on Ctrl-C.
-As root with loop devices, the served disk is mounted through a loop device (read-only);
-elsewhere the demo says why and reads the raw drive file instead.
+It needs FUSE: read and write access to /dev/fuse, and fusermount3 (package fuse3) for
+users other than root. As root with loop devices, the served disk is mounted through a
+loop device (read-only); elsewhere the demo says why and reads the raw drive file instead.
+Host tools (mkfs.ext4, losetup, mount) are looked up on PATH, then in /usr/local/sbin,
+/usr/sbin and /sbin.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from vdisk.cli._common import layer_names, open_top, size_to_str
+from vdisk.cli._common import add_owner_check_option, layer_names, open_top, size_to_str
 from vdisk.engine.chain import close_chain, iter_chain, path_combine
 from vdisk.engine.image import Image
 
@@ -84,7 +84,7 @@ def human(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     top = open_top(args.file, args.format, chain=args.backing_chain,
-                   force_share=args.force_share)
+                   force_share=args.force_share, owner_check=args.backing_owner_check == "on")
     try:
         layers = list(iter_chain(top)) if args.backing_chain else [top]
         names = layer_names(top, args.file)
@@ -118,4 +118,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="open without locks (the image may be in use)")
+    add_owner_check_option(p)
     p.set_defaults(func=run)

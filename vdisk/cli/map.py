@@ -7,7 +7,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vdisk.cli._common import UsageError, layer_names, open_top, parse_size
+from vdisk.cli._common import (
+    UsageError,
+    add_owner_check_option,
+    layer_names,
+    open_top,
+    parse_size,
+)
 from vdisk.cli._qcow2map import HostMapper
 from vdisk.engine.chain import close_chain
 from vdisk.engine.image import Image, Status
@@ -105,7 +111,8 @@ def _hex(v: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start = parse_size(args.start_offset, "--start-offset") if args.start_offset else 0
-    top = open_top(args.file, args.format, chain=True, force_share=args.force_share)
+    top = open_top(args.file, args.format, chain=True, force_share=args.force_share,
+                   owner_check=args.backing_owner_check == "on")
     try:
         end = top.virtual_size
         if args.max_length:
@@ -157,4 +164,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="open without locks (the image may be in use)")
     p.add_argument("--start-offset", help="first byte to map")
     p.add_argument("--max-length", help="map at most this many bytes")
+    add_owner_check_option(p)
     p.set_defaults(func=run)

@@ -2,6 +2,7 @@
 
   vdisk serve --mount DIR --qmp SOCKET \\
       --drive id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]
+              [,backing-owner-check=on|off]
   vdisk serve --config FILE [--daemonize --pidfile FILE] [--log-file FILE]
 
 Runs until SIGTERM, SIGINT, SIGHUP or the QMP `quit` command, then flushes every
@@ -10,8 +11,11 @@ default; --daemonize returns once the mount is live and QMP answers (exit 0), or
 prints the daemon's start-up error (exit 1). Each drive appears as DIR/ID, a raw file of
 the drive's virtual size (it never grows; fallocate punch-hole/zero-range and
 SEEK_DATA/SEEK_HOLE work). Copy-on-read is on by default for read-write drives.
-DIR is created if missing; a dead vdisk mount left there by a killed daemon is
-lazily unmounted; any other mount, or a non-empty DIR, is refused.
+A backing file that the owner of an image above it could not read is refused, unless
+the drive says backing-owner-check=off (see docs/SECURITY.md).
+DIR is created if missing (and removed again if the start fails); a dead vdisk mount
+left there by a killed daemon is lazily unmounted; any other mount, or a non-empty DIR,
+is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from vdisk.service.pidfile import check_pidfile, check_writable, remove_pidfile,
 log = logging.getLogger("vdisk")
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
-_KEYS = ("id", "file", "format", "copy-on-read", "read-only")
+_KEYS = ("id", "file", "format", "copy-on-read", "read-only", "backing-owner-check")
 
 
 def parse_drive(text: str) -> DriveSpec:
@@ -74,6 +78,7 @@ def parse_drive(text: str) -> DriveSpec:
         format=fmt,
         copy_on_read=flag("copy-on-read"),
         read_only=bool(flag("read-only")),
+        backing_owner_check=flag("backing-owner-check") is not False,
     )
 
 
@@ -107,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--qmp", metavar="SOCKET", help="QMP UNIX socket path")
     p.add_argument(
         "--drive", action="append", default=[], metavar="SPEC",
-        help="id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]",
+        help="id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]"
+        "[,backing-owner-check=on|off]",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with settings and [[drive]]s")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")

@@ -18,7 +18,7 @@ import trio
 from vdisk.block import loop_guard
 from vdisk.block.device import BlockDevice
 from vdisk.block.stream import StreamJob, find_base
-from vdisk.cli._common import parse_size
+from vdisk.cli._common import add_owner_check_option, parse_size
 from vdisk.cli._progress import Progress
 from vdisk.engine.chain import open_chain
 from vdisk.errors import JobError, VdiskError
@@ -44,17 +44,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("image", help="the image to flatten (qcow2)")
     p.add_argument("--base", help="keep this backing image (and what is below it)")
     p.add_argument("--speed", default="0", help="bytes per second (K/M/G suffixes), 0 = unlimited")
+    add_owner_check_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     speed = parse_size(args.speed, "--speed")
     loop_guard.install()
-    return trio.run(_stream, args.image, args.base, speed)
+    return trio.run(_stream, args.image, args.base, speed, args.backing_owner_check == "on")
 
 
-async def _stream(path: str, base_name: str | None, speed: int) -> int:
-    top = open_chain(path)
+async def _stream(path: str, base_name: str | None, speed: int, owner_check: bool) -> int:
+    top = open_chain(path, backing_owner_check=owner_check,
+                     format_hint="only qcow2 images can be streamed into")
     dev = BlockDevice("stream", top, copy_on_read=False, read_only=False)
     try:
         if top.format_name != "qcow2":

@@ -9,6 +9,7 @@ at open raise vdisk.errors.ImageError subclasses.
 from __future__ import annotations
 
 import abc
+import errno
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ class Image(abc.ABC):
     backing: Image | None  # the opened backing image, attached by the chain opener
     backing_name: str | None  # the backing file name as stored in the header
     backing_format: str | None  # from the backing-format extension, or None
+    # True when the chain opener probed this image's format (no format given, no backing
+    # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
+    probed: bool = False
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:
@@ -87,6 +91,10 @@ class Image(abc.ABC):
 
         Does not reopen anything: the caller attaches the new backing image.
         """
+
+    def fileno(self) -> int:
+        """The descriptor of the open image file (for fstat, never for I/O)."""
+        raise OSError(errno.EBADF, f"{self.path}: no file descriptor")
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def _flock(ltype: int, start: int) -> bytes:
 def _conflicts(fd: int, byte: int) -> bool:
     """True if another open file description holds a lock on `byte`."""
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
+    ltype: int = struct.unpack(_FLOCK, res)[0]
+    return ltype != fcntl.F_UNLCK
 
 
 def _set(fd: int, byte: int, ltype: int) -> None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import stat
 from typing import Any
 
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
+from vdisk.engine.probe import PROBE_SIZE, detect_format
 from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
+
+log = logging.getLogger("vdisk")
 
 SECTOR = 512
 RAW_CLUSTER_SIZE = 65536
-QCOW2_MAGIC = b"QFI\xfb"
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -60,15 +63,48 @@ class RawImage(Image):
         self._can_punch = True
         self._can_zero_range = True
         # Set when the format was probed: then, as QEMU does, refuse writes that would
-        # make the file probe as qcow2 next time (a guest could name any host file as
-        # its backing file).
+        # make the file probe as another format next time (a guest could turn its disk
+        # into an image that names any host file as its backing file).
         self.probed = False
+        self._refusal_logged = False
 
     # -- helpers -----------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise OSError(errno.EBADF, f"{self.path}: image is closed")
+
+    def _guard_sector0(self, offset: int, data: bytes | memoryview | None, length: int
+                       ) -> bytes | None:
+        """For a probed image, the first sector as this write (data, or zeroes if None)
+        would leave it; EPERM if it would then probe as another format.
+
+        Returns the new head of the first sector to write instead of data's own first
+        bytes (checked bytes are the ones written), or None if the write does not touch
+        the first sector or the format was given. Like QEMU's raw driver (raw_co_pwritev
+        with bs->probed). Zero writes are checked too: zeroing one byte can complete a
+        signature (a version field, a NUL after a magic string); QEMU gets the same from
+        its 512-byte request alignment for probed images, which turns a partial zero write
+        of the first sector into a checked read-modify-write.
+        """
+        if not self.probed or offset >= PROBE_SIZE or length == 0:
+            return None
+        n = min(length, PROBE_SIZE - offset)
+        sector = bytearray(self.read(0, PROBE_SIZE))
+        sector[offset:offset + n] = bytes(n) if data is None else bytes(data[:n])
+        fmt = detect_format(bytes(sector))
+        if fmt is not None:
+            if not self._refusal_logged:
+                log.warning(
+                    "%s: refused a write that would make the image look like a %s image "
+                    "(its format was probed as raw; give format=raw to allow such writes; "
+                    "further refusals are not logged)", self.path, fmt)
+                self._refusal_logged = True
+            raise OSError(
+                errno.EPERM, f"{self.path}: refusing to write a {fmt} header into a raw "
+                "image whose format was probed; give the format explicitly"
+            )
+        return bytes(sector[offset:offset + n])
 
     def _check_write(self, offset: int, length: int) -> None:
         self._check_open()
@@ -127,15 +163,13 @@ class RawImage(Image):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._check_write(offset, len(view))
-        if self.probed and offset < len(QCOW2_MAGIC) and len(view):
-            head = bytearray(self.read(0, len(QCOW2_MAGIC)))
-            n = min(len(view), len(QCOW2_MAGIC) - offset)
-            head[offset:offset + n] = view[:n]
-            if bytes(head) == QCOW2_MAGIC:
-                raise OSError(
-                    errno.EPERM, f"{self.path}: refusing to write a qcow2 header into a raw "
-                    "image whose format was probed; give the format explicitly"
-                )
+        head = self._guard_sector0(offset, view, len(view))
+        if head is not None:
+            self._pwrite_all(offset, memoryview(head))
+            offset, view = offset + len(head), view[len(head):]
+        self._pwrite_all(offset, view)
+
+    def _pwrite_all(self, offset: int, view: memoryview) -> None:
         done = 0
         while done < len(view):
             n = os.pwrite(self.fd, view[done:], offset + done)
@@ -147,6 +181,7 @@ class RawImage(Image):
         self._check_write(offset, length)
         if length == 0:
             return
+        self._guard_sector0(offset, None, length)
         file_size = os.fstat(self.fd).st_size
         # Past EOF (inside the 512-byte rounding) the file already reads as zeroes.
         end = min(offset + length, file_size)
@@ -185,6 +220,9 @@ class RawImage(Image):
         if name is None:
             return
         raise UnsupportedImageError(self.path, "a raw image cannot have a backing file")
+
+    def fileno(self) -> int:
+        return self.fd
 
     def info(self) -> dict[str, Any]:
         st = os.fstat(self.fd)

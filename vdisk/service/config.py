@@ -14,6 +14,8 @@
     format = "qcow2"                  # optional: qcow2 or raw (probed)
     copy-on-read = true               # optional: default on for read-write drives
     read-only = false                 # optional
+    backing-owner-check = true        # optional: false serves backing files the image
+                                      # owner could not read (docs/SECURITY.md)
 
 Relative paths are relative to the directory of the file. Every error is one line
 naming the file, the key and the reason.
@@ -37,6 +39,7 @@ _TOP: dict[str, type] = {
 }
 _DRIVE: dict[str, type] = {
     "id": str, "file": str, "format": str, "copy-on-read": bool, "read-only": bool,
+    "backing-owner-check": bool,
 }
 _TYPE_NAMES = {str: "a string", bool: "true or false", list: "an array of [[drive]] tables"}
 
@@ -95,6 +98,7 @@ def _drive(where: str, table: Any, base_dir: str) -> DriveSpec:
         format=fmt,
         copy_on_read=table.get("copy-on-read"),
         read_only=bool(table.get("read-only", False)),
+        backing_owner_check=bool(table.get("backing-owner-check", True)),
     )
 
 

@@ -15,6 +15,7 @@ final flush) and `events` (the EventBus).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -33,11 +34,17 @@ from control.jobs import JobManager
 from control.server import serve_qmp
 from vdisk.block import loop_guard
 from vdisk.block.device import BlockDevice
-from vdisk.engine.chain import close_chain, open_chain
-from vdisk.errors import VdiskError
+from vdisk.engine.chain import close_chain, iter_chain, open_chain
+from vdisk.engine.image import Image
+from vdisk.errors import ImageError, VdiskError
 from vdisk.fuse import hook as fuse_hook
 from vdisk.fuse.fs import DriveFS, mount_options
-from vdisk.service.mounts import prepare_mountpoint, resolve_mountpoint, set_readahead
+from vdisk.service.mounts import (
+    prepare_mountpoint,
+    remove_created,
+    resolve_mountpoint,
+    set_readahead,
+)
 
 log = logging.getLogger("vdisk")
 
@@ -57,6 +64,7 @@ class DriveSpec:
     format: str | None = None
     copy_on_read: bool | None = None  # None: on for read-write drives
     read_only: bool = False
+    backing_owner_check: bool = True  # refuse backing files the image owners cannot read
 
 
 @dataclass(frozen=True)
@@ -135,11 +143,13 @@ class Daemon:
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = [self.jobs.cancel_all]
         self._quit = trio.Event()
         self._quit_reason = "host-qmp-quit"
+        self._quit_why = ""  # what happened, for the log, when the reason does not say it
         self._jobs_scope = trio.CancelScope()
         self._qmp_scope = trio.CancelScope()
         self._fuse_done = trio.Event()
         self._jobs_done = trio.Event()
         self.failed = False
+        self._served = False  # the mount was live and every drive announced
         self._ops: DriveFS
 
     # -- backend API (control.backend.Backend and the block job commands) ----------
@@ -157,9 +167,12 @@ class Daemon:
             raise RuntimeError("the daemon is not running")
         self.nursery.start_soon(fn)
 
-    def request_quit(self, reason: str = "host-qmp-quit") -> None:
+    def request_quit(self, reason: str = "host-qmp-quit", why: str = "") -> None:
+        """Stop; reason is the SHUTDOWN event's (QEMU's ShutdownCause), why says in the
+        log what happened when the reason alone does not."""
         if not self._quit.is_set():
             self._quit_reason = reason
+            self._quit_why = why
             self._quit.set()
 
     # -- start-up ------------------------------------------------------------------
@@ -167,7 +180,7 @@ class Daemon:
     def _open_drives(self) -> None:
         try:
             for spec in self.config.drives:
-                top = open_chain(spec.file, fmt=spec.format, read_only=spec.read_only)
+                top = _open_drive_chain(spec)
                 cor = (not spec.read_only) if spec.copy_on_read is None else spec.copy_on_read
                 device = BlockDevice(
                     spec.id, top, copy_on_read=cor, read_only=spec.read_only,
@@ -200,8 +213,8 @@ class Daemon:
         finally:
             self._fuse_done.set()
         if not self._quit.is_set() and self._ops.initialized.is_set():
-            log.warning("%s was unmounted; stopping", self.mount)
-            self.request_quit("host-signal")
+            self.request_quit("host-signal", f"the mount at {self.mount} was unmounted from "
+                              "outside")
 
     async def _wait_mounted(self) -> None:
         """Wait for the kernel's INIT handshake, or fail if FUSE stopped first."""
@@ -262,54 +275,66 @@ class Daemon:
             raise VdiskError(f"{self.qmp_path}: the QMP socket cannot be inside the mount point")
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         with trio.open_signal_receiver(*signals) as receiver:
-            prepare_mountpoint(self.mount)
-            self._open_drives()
-            mounted = False
+            created = prepare_mountpoint(self.mount)
             try:
-                fuse_hook.install()
-                self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
-                try:
-                    pyfuse3.init(self._ops, self.mount, mount_options(
-                        allow_other=self.config.allow_other))
-                except RuntimeError as e:
-                    raise VdiskError(f"{self.mount}: cannot mount: {e}") from None
-                mounted = True
-                try:
-                    async with trio.open_nursery() as root:
-                        root.start_soon(self._signals, receiver)
-                        await root.start(self._fuse)
-                        await self._wait_mounted()
-                        await trio.to_thread.run_sync(set_readahead, self.mount, READAHEAD_KIB)
-                        await root.start(self._background)
-                        await root.start(self._qmp)
-                        log.info(
-                            "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
-                            self.mount, self.qmp_path,
-                        )
-                        for drive in self._drives.values():
-                            log.info("%s", describe_drive(drive))
-                        if self.on_ready is not None and not self._quit.is_set():
-                            try:
-                                self.on_ready()
-                            except Exception as e:  # e.g. the pid file cannot be written
-                                log.error("%s", e)
-                                self.failed = True
-                                self.request_quit("host-error")
-                        await self._quit.wait()
-                        await self._stop()
-                        root.cancel_scope.cancel()
-                except BaseExceptionGroup as eg:
-                    raise _single(eg) from None
-            finally:
-                if mounted:
-                    pyfuse3.close(unmount=True)
-                await self._close_drives()
+                await self._run(receiver)
+            except BaseException:
+                if not self._served:
+                    remove_created(created)  # a failed start leaves no directory behind
+                raise
         if self.failed:
             raise VdiskError("stopped with errors (see above)")
         log.info("stopped")
 
+    async def _run(self, receiver: Any) -> None:
+        """Open, mount and serve until asked to stop (run without the mount point set-up)."""
+        self._open_drives()
+        mounted = False
+        try:
+            fuse_hook.install()
+            self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
+            try:
+                pyfuse3.init(self._ops, self.mount, mount_options(
+                    allow_other=self.config.allow_other))
+            except RuntimeError as e:
+                raise VdiskError(f"{self.mount}: cannot mount: {e}") from None
+            mounted = True
+            try:
+                async with trio.open_nursery() as root:
+                    root.start_soon(self._signals, receiver)
+                    await root.start(self._fuse)
+                    await self._wait_mounted()
+                    await trio.to_thread.run_sync(set_readahead, self.mount, READAHEAD_KIB)
+                    await root.start(self._background)
+                    await root.start(self._qmp)
+                    log.info(
+                        "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
+                        self.mount, self.qmp_path,
+                    )
+                    for drive in self._drives.values():
+                        log.info("%s", describe_drive(drive))
+                        for note in probe_notes(drive):
+                            log.warning("%s", note)
+                    if self.on_ready is not None and not self._quit.is_set():
+                        try:
+                            self.on_ready()
+                        except Exception as e:  # e.g. the pid file cannot be written
+                            log.error("%s", e)
+                            self.failed = True
+                            self.request_quit("host-error")
+                    self._served = not self.failed
+                    await self._quit.wait()
+                    await self._stop()
+                    root.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:
+                raise _single(eg) from None
+        finally:
+            if mounted:
+                pyfuse3.close(unmount=True)
+            await self._close_drives()
+
     async def _stop(self) -> None:
-        log.info("stopping: %s", self._quit_reason)
+        log.info("stopping: %s", self._quit_why or self._quit_reason)
         self.events.emit("SHUTDOWN", {"guest": False, "reason": self._quit_reason})
         for hook in self.stop_hooks:  # e.g. cancel block jobs, which emit their events
             try:
@@ -341,6 +366,36 @@ class Daemon:
         self._drives.clear()
 
 
+READ_ONLY_HINT = "give read-only=on to serve it read-only"
+
+
+def _open_drive_chain(spec: DriveSpec) -> Image:
+    """open_chain for a drive; a top image that cannot be opened for writing (EROFS, or
+    EACCES while reading would work) gets the hint to serve it read-only."""
+    try:
+        return open_chain(spec.file, fmt=spec.format, read_only=spec.read_only,
+                          backing_owner_check=spec.backing_owner_check,
+                          format_hint="give format=raw to serve it as raw")
+    except ImageError as e:
+        path = os.path.abspath(spec.file)
+        if spec.read_only or e.path != path or not e.reason.startswith("cannot open"):
+            raise
+        if _open_errno(path, os.O_RDWR) in (errno.EROFS, errno.EACCES) and (
+                _open_errno(path, os.O_RDONLY) is None):
+            raise ImageError(path, f"{e.reason}; {READ_ONLY_HINT}") from None
+        raise
+
+
+def _open_errno(path: str, flags: int) -> int | None:
+    """The errno of opening path with flags, or None if it opens (it is closed again)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        return e.errno
+    os.close(fd)
+    return None
+
+
 def describe_drive(drive: Drive) -> str:
     """One log line on a served drive: image, format, size, chain depth, options."""
     device, depth, img = drive.device, 0, drive.device.top.backing
@@ -350,8 +405,29 @@ def describe_drive(drive: Drive) -> str:
         f"drive {drive.id}: {drive.spec.file} ({device.top.format_name}, {device.size} bytes, "
         f"{depth} backing image{'s' if depth != 1 else ''}, "
         f"{'read-only' if device.read_only else 'read-write'}, "
-        f"copy-on-read {'on' if device.copy_on_read else 'off'})"
+        f"copy-on-read {'on' if device.copy_on_read else 'off'}, "
+        f"format {'probed' if device.top.probed else 'given'}"
+        f"{'' if drive.spec.backing_owner_check else ', backing-owner-check off'})"
     )
+
+
+def probe_notes(drive: Drive) -> list[str]:
+    """Warnings on the images of a drive whose format was probed, not given."""
+    notes = []
+    top = drive.device.top
+    if top.probed and top.format_name == "raw" and not drive.device.read_only:
+        notes.append(
+            f"drive {drive.id}: no format given and {top.path} probed as raw: writes that "
+            "would make its first sector look like another format's header are refused "
+            "(give format=raw to lift this)"
+        )
+    for img in list(iter_chain(top))[1:]:
+        if img.probed:
+            notes.append(
+                f"drive {drive.id}: backing file {img.path} probed as {img.format_name}: its "
+                "overlay does not name its format (qemu-img rebase -u -F FMT can record it)"
+            )
+    return notes
 
 
 def serve(

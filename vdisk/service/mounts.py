@@ -120,10 +120,11 @@ def lazy_unmount(path: str) -> None:
         raise VdiskError(f"{path}: cannot unmount the stale vdisk mount: {reason}")
 
 
-def prepare_mountpoint(path: str) -> None:
+def prepare_mountpoint(path: str) -> list[str]:
     """Make path (from resolve_mountpoint) ready to mount on: created if missing; a dead
     vdisk mount is cleared (and reported on stderr); a live mount or a non-empty directory
-    is refused."""
+    is refused. Returns the directories created here, deepest first (a failed start
+    removes them with remove_created)."""
     for _ in range(8):  # mounts may be stacked; clear dead vdisk ones one by one
         entries = mounts_at(path, resolve=False)
         if not entries:
@@ -140,9 +141,21 @@ def prepare_mountpoint(path: str) -> None:
         log.warning("%s: cleared a stale vdisk mount (its daemon died)", path)
     else:
         raise VdiskError(f"{path}: busy (cannot clear stacked mounts)")
+    missing = []
+    d = path
+    while not os.path.lexists(d) and d != os.path.dirname(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    created: list[str] = []
     try:
-        os.makedirs(path, exist_ok=True)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+                created.insert(0, d)
+            except FileExistsError:
+                pass  # made by someone else meanwhile: checked below like any directory
     except OSError as e:
+        remove_created(created)
         raise VdiskError(f"{path}: cannot create mount point: {e.strerror}") from None
     if not os.path.isdir(path):
         raise VdiskError(f"{path}: busy (not a directory)")
@@ -151,6 +164,18 @@ def prepare_mountpoint(path: str) -> None:
             raise VdiskError(f"{path}: busy (directory is not empty)")
     except OSError as e:
         raise VdiskError(f"{path}: cannot read mount point: {e.strerror}") from None
+    return created
+
+
+def remove_created(dirs: list[str]) -> None:
+    """Remove directories prepare_mountpoint created (deepest first) while they are empty;
+    never raises (a directory someone put something in, or mounted on, stays)."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError as e:
+            log.debug("%s: left in place: %s", d, e.strerror)
+            return
 
 
 def set_readahead(path: str, kib: int) -> bool:

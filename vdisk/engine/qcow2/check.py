@@ -274,10 +274,16 @@ def _run(path: str, fd: int, fix_leaks: bool, fix_all: bool) -> CheckResult:
     return ck.res
 
 
-def check_qcow2(path: str, repair: str | None = None) -> CheckResult:
-    """Check (and with repair='leaks' or 'all', repair) a qcow2 image like qemu-img check."""
+def check_qcow2(path: str, repair: str | None = None, *,
+                force_share: bool = False) -> CheckResult:
+    """Check (and with repair='leaks' or 'all', repair) a qcow2 image like qemu-img check.
+
+    force_share checks without taking locks (qemu-img check -U); it cannot repair.
+    """
     if repair not in (None, "leaks", "all"):
         raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+    if force_share and repair is not None:
+        raise ValueError("force_share cannot repair")
     path = os.path.abspath(path)
     writable = repair is not None
     try:
@@ -285,7 +291,8 @@ def check_qcow2(path: str, repair: str | None = None) -> CheckResult:
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
     try:
-        lock_image(fd, path, *perms_for(writable=writable, metadata=True))
+        if not force_share:
+            lock_image(fd, path, *perms_for(writable=writable, metadata=True))
         try:
             res = _run(path, fd, writable, repair == "all")
             if writable and (res.leaks_fixed or res.corruptions_fixed):
@@ -297,7 +304,8 @@ def check_qcow2(path: str, repair: str | None = None) -> CheckResult:
                 res = again
             return res
         finally:
-            unlock_image(fd)
+            if not force_share:
+                unlock_image(fd)
     except OSError as e:
         raise ImageError(path, f"cannot check: {e.strerror}") from None
     finally:

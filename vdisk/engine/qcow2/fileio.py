@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 
 
 class ImageFile:
@@ -11,6 +12,9 @@ class ImageFile:
 
     `unsynced` is set whenever metadata that later writes depend on (refcounts,
     new tables) was written since the last fdatasync; `barrier()` syncs only then.
+    `named_data` is set when cached (not yet written) L2 entries name cluster data
+    written since the last fdatasync: that data must reach the disk before those
+    entries do (`barrier(data=True)`). In-place overwrites never set it.
     """
 
     def __init__(self, fd: int, path: str) -> None:
@@ -18,6 +22,7 @@ class ImageFile:
         self.path = path
         self.size = os.fstat(fd).st_size
         self.unsynced = False
+        self.named_data = False
         self.syncs = 0
 
     def eio(self, what: str) -> OSError:
@@ -49,7 +54,7 @@ class ImageFile:
         if offset + len(mv) > self.size:
             self.size = offset + len(mv)
 
-    def pwritev(self, bufs: list[bytes | bytearray | memoryview], offset: int) -> None:
+    def pwritev(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         total = sum(len(b) for b in bufs)
         done = os.pwritev(self.fd, bufs, offset)
         if done < total:  # rare: finish with plain writes
@@ -62,8 +67,10 @@ class ImageFile:
         os.fdatasync(self.fd)
         self.syncs += 1
         self.unsynced = False
+        self.named_data = False
 
-    def barrier(self) -> None:
-        """Order: everything written so far reaches the disk before what is written next."""
-        if self.unsynced:
+    def barrier(self, data: bool = False) -> None:
+        """Order: the metadata written so far (and with data=True, the cluster data that
+        dirty L2 entries name) reaches the disk before what is written next."""
+        if self.unsynced or (data and self.named_data):
             self.sync()

@@ -10,8 +10,11 @@ leaked clusters, and fdatasync barriers order the steps for power loss:
   3. L2 entries change in the cached table only, which is marked dirty. Dirty tables
      go to the file (one pwrite per table span) on flush, before an eviction, and
      before queued frees are applied; each time, if refcounts were written since the
-     last sync, one fdatasync comes first: an L2 entry on disk only ever names
-     clusters whose refcount is already on disk,
+     last sync, or if a dirty entry names cluster data written since the last sync
+     (a new or filled cluster: file.named_data), one fdatasync comes first. So an L2
+     entry on disk only ever names clusters whose refcount, data and file size are
+     already on disk (QEMU: data -> refcount -> fdatasync -> L2 -> fdatasync); a
+     flush that only overwrote owned clusters in place syncs once,
   4. clusters that lose their last reference here (COW of shared or compressed
      clusters, discards) are only queued; applying them writes the dirty tables back,
      syncs (the L2 entries that dropped them reach the disk first), then lowers their
@@ -521,7 +524,8 @@ class Qcow2Image(Image):
         """Write every dirty L2 table span, after syncing the refcounts they depend on."""
         if not self._dirty or self.corrupt:  # a corrupt image's metadata is left alone
             return
-        self.f.barrier()  # refcounts of the clusters the entries name reach the disk first
+        # the refcounts and data of the clusters the entries name reach the disk first
+        self.f.barrier(data=True)
         ew = self._ew
         for l2off in list(self._dirty):
             t, (lo, hi) = self._dirty[l2off]
@@ -746,7 +750,7 @@ class Qcow2Image(Image):
         else:
             self.f.size = max(self.f.size, host + n)
         updates = {(c0 + t) & mask: ((host + (t << cb)) | COPIED, ALL_ALLOC) for t in range(used)}
-        self._commit_entries(l2off, l2, updates)
+        self._commit_entries(l2off, l2, updates, names_data=True)
         return n
 
     def _write_chunk(self, offset: int, data: memoryview) -> None:
@@ -841,12 +845,16 @@ class Qcow2Image(Image):
                     frees.append(p[5])
             i += k
         if updates:
-            self._commit_entries(l2off, l2, updates)
+            self._commit_entries(l2off, l2, updates, names_data=True)
         for e in frees:
             self._free_entry(e)
 
-    def _commit_entries(self, l2off: int, l2: array[int], updates: dict[int, tuple[int, int]]
-                        ) -> None:
+    def _commit_entries(self, l2off: int, l2: array[int], updates: dict[int, tuple[int, int]],
+                        names_data: bool) -> None:
+        """Set L2 entries in the cached table (dirty). names_data: they name cluster data
+        just written, which must be synced before the table is written back."""
+        if names_data:
+            self.f.named_data = True
         for idx, (e, bm) in updates.items():
             if self.extended_l2:
                 l2[idx * 2] = e
@@ -912,8 +920,8 @@ class Qcow2Image(Image):
                 updates[idx] = new
                 if not keep:
                     frees.append(e)
-        if updates:
-            self._commit_entries(l2off, l2, updates)
+        if updates:  # zero flags or no cluster at all: no data to order before them
+            self._commit_entries(l2off, l2, updates, names_data=False)
         for e in frees:
             self._free_entry(e)
 
@@ -940,6 +948,9 @@ class Qcow2Image(Image):
         self.backing_format = h.backing_format
         if name is None:
             self.backing = None
+
+    def fileno(self) -> int:
+        return self.f.fd
 
     def info(self) -> dict[str, Any]:
         st = os.fstat(self.f.fd)
