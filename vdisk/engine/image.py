@@ -9,8 +9,8 @@ at open raise vdisk.errors.ImageError subclasses.
 from __future__ import annotations
 
 import abc
-import errno
 import enum
+import errno
 from dataclasses import dataclass
 from typing import Any
 

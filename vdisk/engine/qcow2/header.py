@@ -1,10 +1,15 @@
-"""qcow2 header: parse and validate, header extensions, feature name table, serialize."""
+"""qcow2 header: parse and validate, header extensions, feature name table, serialize,
+and rewrite in place (QEMU: qcow2_update_header)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from dataclasses import dataclass, field
 
+from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.raw import fallocate
 from vdisk.errors import CorruptImageError, UnsupportedImageError
 
 MAGIC = b"QFI\xfb"
@@ -34,6 +39,9 @@ MAX_L1_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024
 MAX_BACKING_NAME = 1023
 MAX_HOST_OFFSET = 1 << 56
+INCOMPAT_OFFSET = 72  # the v3 header's incompatible_features field
+REFTABLE_OFFSET = 48  # refcount_table_offset (u64), then refcount_table_clusters (u32)
+_FALLOC_FL_KEEP_SIZE = 0x01
 
 _INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file",
                    3: "compression type", 4: "extended L2 entries"}
@@ -281,3 +289,49 @@ def feature_table_ext() -> tuple[int, bytes]:
              (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data")]
     data = b"".join(struct.pack(">BB46s", k, b, n.encode()) for k, b, n in feats)
     return EXT_FEATURE_TABLE, data
+
+
+def rewrite_header(f: ImageFile, h: Header, old_len: int) -> int:
+    """Rewrite the header area in one pwrite inside the first cluster, then sync; the
+    length of the new header area. old_len: the length of the area it replaces (the
+    rest of it is zeroed).
+
+    The file never grows (the tables follow the first cluster), and its blocks are
+    reserved first (fallocate), so a full file system fails the rewrite before a byte
+    changes instead of tearing it halfway.
+    """
+    cs = h.cluster_size
+    buf = serialize_header(h)
+    if len(buf) > cs:  # drop the optional feature name table
+        h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
+        buf = serialize_header(h)
+    if len(buf) > cs:
+        raise OSError(errno.ENOSPC, f"{f.path}: header does not fit in the first cluster")
+    pad = max(0, min(cs, old_len) - len(buf))
+    out = buf + bytes(pad)
+    if len(out) > f.size:
+        raise OSError(errno.EIO, f"{f.path}: the file is shorter than its header")
+    try:
+        fallocate(f.fd, _FALLOC_FL_KEEP_SIZE, 0, len(out))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(e.errno, f"{f.path}: cannot rewrite the header: "
+                                   f"{e.strerror}") from None
+    done = os.pwrite(f.fd, out, 0)
+    if done != len(out):
+        raise OSError(errno.EIO, f"{f.path}: short header write ({done} of {len(out)})")
+    f.sync()
+    return len(buf)
+
+
+def write_incompatible(f: ImageFile, h: Header) -> None:
+    """Write h.incompatible (v3) into the file: 8 bytes inside the header, never torn, never
+    extending the file. Not synced."""
+    f.pwrite(struct.pack(">Q", h.incompatible), INCOMPAT_OFFSET)
+
+
+def write_reftable_pointer(f: ImageFile, h: Header, off: int, clusters: int) -> None:
+    """Point the header (and h) at a new refcount table. Not synced."""
+    h.refcount_table_offset = off
+    h.refcount_table_clusters = clusters
+    f.pwrite(struct.pack(">QI", off, clusters), REFTABLE_OFFSET)

@@ -1,4 +1,11 @@
-"""Qcow2Image: reads, copy-on-write writes, zero clusters, header rewrites.
+"""Qcow2Image: one open qcow2 file behind the Image API.
+
+The driver is split the way QEMU splits qcow2: cluster.py maps guest ranges through the
+L1/L2 tables (qcow2-cluster.c), cache.py holds the L2 write-back cache (qcow2-cache.c),
+refcount.py and alloc.py the refcounts, the allocation reserve and the deferred frees
+(qcow2-refcount.c), write.py plans and performs writes, header.py rewrites the header;
+this module ties them together: reads, the overlap guard and corruption marking,
+durability, backing file changes.
 
 Write ordering (crash safety), QEMU's way: refcounts are written through, L2 tables
 are a write-back cache with one dependency. A SIGKILL at any point leaves at most
@@ -36,54 +43,51 @@ import dataclasses
 import errno
 import logging
 import os
-import struct
-from array import array
-from typing import Any
+from typing import Any, NamedTuple
 
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import unlock_image
-from vdisk.engine.qcow2.cache import LRUCache
+from vdisk.engine.qcow2.alloc import Allocator
+from vdisk.engine.qcow2.cache import L2Cache
+from vdisk.engine.qcow2.cluster import ClusterMap
 from vdisk.engine.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
 from vdisk.engine.qcow2.fileio import ImageFile
 from vdisk.engine.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
-    EXT_FEATURE_TABLE,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_BACKING_NAME,
     Header,
+    rewrite_header,
     serialize_header,
+    write_incompatible,
+    write_reftable_pointer,
 )
 from vdisk.engine.qcow2.layout import (
-    ALL_ALLOC,
-    ALL_ZERO,
     COMP,
     COMPRESSED,
-    COPIED,
     DATA,
     OFFSET_MASK,
     UNALLOC,
     ZERO,
     ZEROES,
-    compressed_clusters,
     compressed_range,
 )
 from vdisk.engine.qcow2.overlap import MetadataMap
 from vdisk.engine.qcow2.refcount import Refcounts
-from vdisk.engine.raw import fallocate
+from vdisk.engine.qcow2.write import Writer
 from vdisk.errors import ReadOnlyError
-
-_FALLOC_FL_KEEP_SIZE = 0x01
 
 _ZEROS = bytes(1 << 21)
 _STATUS = {UNALLOC: Status.UNALLOCATED, ZEROES: Status.ZERO, DATA: Status.DATA,
            COMP: Status.DATA}
-# Actions planned for one cluster of a write.
-_INPLACE, _FILL, _NEW = 0, 1, 2
-_MAX_PENDING_FREES = 4096
-_INCOMPAT_OFFSET = 72  # the v3 header's incompatible_features field
 
 log = logging.getLogger("vdisk.qcow2")
+
+
+class _Decompressed(NamedTuple):
+    entry: int  # the L2 entry of the compressed cluster
+    data: bytes  # the whole cluster
 
 
 def _zero(mv: memoryview) -> None:
@@ -118,32 +122,22 @@ class Qcow2Image(Image):
         self.backing: Image | None = None
         self.backing_name = hdr.backing_name
         self.backing_format = hdr.backing_format if hdr.backing_name is not None else None
-        self._ew = 2 if self.extended_l2 else 1  # 64-bit words per L2 entry
-        self.l2_bits = cb - 3 - (1 if self.extended_l2 else 0)
-        self.l2_entries = 1 << self.l2_bits
-        self.chunk_bits = cb + self.l2_bits
-        self.sc_bits = cb - 5
-        raw = self.f.pread(hdr.l1_size * 8, hdr.l1_table_offset) if hdr.l1_size else b""
-        self.l1 = array("Q", raw)
-        self.l1.byteswap()
-        self.l2_cache: LRUCache[int, array[int]] = LRUCache(max(4, l2_cache_bytes // cs),
-                                                            self._evict_l2)
-        # L2 offset -> (table, [lo, hi) entries to write); always also in l2_cache
-        self._dirty: dict[int, tuple[array[int], list[int]]] = {}
+        self.l2_cache = L2Cache(self.f, max(4, l2_cache_bytes // cs),
+                                2 if self.extended_l2 else 1, lambda: self.corrupt)
         self.rc = Refcounts(self.f, cb, hdr.refcount_order, hdr.refcount_table_offset,
                             hdr.refcount_table_clusters, self._set_reftable,
                             refblock_cache_bytes)
-        self._comp: tuple[int, bytes] | None = None
-        self._reserve = (0, 0)  # (first cluster, count): refcount 1, synced, unused
-        self._batch = 8
-        self._max_batch = max(16, (8 << 20) >> cb)
-        self._pending: list[tuple[int, int]] = []
+        self.map = ClusterMap(self.f, hdr, self.l2_cache, self.rc, None, None, self._guard,
+                              self._corruption)
+        self._comp: _Decompressed | None = None
         self._prepared = False
         self._hdr_len = len(serialize_header(dataclasses.replace(hdr)))
         self._closed = False
         self.meta: MetadataMap | None = None
+        self.alloc: Allocator | None = None
+        self.writer: Writer | None = None
         if not read_only:
-            self.meta = MetadataMap(self.f, hdr, self.l1)
+            self.meta = MetadataMap(self.f, hdr, self.map.l1)
             for e in self.rc.table:
                 off = e & OFFSET_MASK
                 if off and not off & (cs - 1):
@@ -151,6 +145,12 @@ class Qcow2Image(Image):
             self.rc.guard = self._guard
             self.rc.corrupt = self._corruption
             self.rc.on_block = self.meta.refblocks.add
+            self.alloc = Allocator(self.f, self.rc, cb, self._guard, self.l2_cache.write_back,
+                                   self._frees_applied)
+            self.map.alloc = self.alloc
+            self.map.meta = self.meta
+            self.writer = Writer(self.f, self.map, self.alloc, self.rc, self.virtual_size,
+                                 self._guard, self._view, self._before_write)
 
     # -- helpers ----------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -158,14 +158,15 @@ class Qcow2Image(Image):
             raise OSError(errno.EINVAL, f"{self.path}: range {offset}+{length} is outside "
                           f"the virtual size {self.virtual_size}")
 
-    def _check_writable(self) -> None:
+    def _check_writable(self) -> Writer:
         if self._closed:
             raise OSError(errno.EBADF, f"{self.path}: image is closed")
-        if self.read_only:
+        if self.read_only or self.writer is None:
             raise ReadOnlyError(self.path, "image is opened read-only")
         if self.corrupt:
             raise OSError(errno.EIO, f"{self.path}: image is marked corrupt, writes are refused "
                                      f"(repair it with 'qemu-img check -r all')")
+        return self.writer
 
     # -- corruption -------------------------------------------------------------------
     def _corruption(self, reason: str) -> OSError:
@@ -179,8 +180,8 @@ class Qcow2Image(Image):
                       self.path, reason)
             if self.version >= 3:
                 self.hdr.incompatible |= INCOMPAT_CORRUPT
-                try:  # 8 bytes inside the header: never torn, never extends the file
-                    self.f.pwrite(struct.pack(">Q", self.hdr.incompatible), _INCOMPAT_OFFSET)
+                try:
+                    write_incompatible(self.f, self.hdr)
                     self.f.sync()
                 except OSError as e:
                     log.error("%s: could not set the corrupt bit: %s", self.path, e)
@@ -197,160 +198,6 @@ class Qcow2Image(Image):
             raise self._corruption(f"preventing invalid write on metadata at host offset "
                                    f"0x{first << self.cluster_bits:x} (overlaps with {hit})")
 
-    def _l2(self, l1i: int) -> tuple[int, array[int] | None]:
-        if l1i >= len(self.l1):
-            return 0, None
-        off = self.l1[l1i] & OFFSET_MASK
-        if not off:
-            return 0, None
-        t = self.l2_cache.get(off)
-        if t is not None:
-            return off, t
-        if off & (self.cluster_size - 1):
-            raise self._corruption(f"L2 table offset 0x{off:x} (L1 index {l1i}) is unaligned")
-        if off + self.cluster_size > self.f.size:
-            raise self.f.eio(f"L2 table offset 0x{off:x} (L1 index {l1i}) lies beyond the end "
-                             f"of file")
-        t = array("Q", self.f.pread(self.cluster_size, off))
-        t.byteswap()
-        self.l2_cache.put(off, t)
-        return off, t
-
-    def _map(self, offset: int, end: int) -> list[list[int]]:
-        """[guest offset, length, kind, host] runs for [offset, end) within one L2 table."""
-        _, l2 = self._l2(offset >> self.chunk_bits)
-        if l2 is None:
-            return [[offset, end - offset, UNALLOC, 0]]
-        segs: list[list[int]] = []
-        cb, cs, ew = self.cluster_bits, self.cluster_size, self._ew
-        v3 = self.version >= 3
-        ext = self.extended_l2
-        mask = self.l2_entries - 1
-        if not ext and end - offset > cs:
-            run = self._contiguous_run(l2, offset, end)
-            if run is not None:
-                return [[offset, end - offset, DATA, run]]
-
-        def add(g: int, n: int, k: int, h: int) -> None:
-            if segs:
-                last = segs[-1]
-                if last[2] == k and k != COMP and (k != DATA or last[3] + last[1] == h):
-                    last[1] += n
-                    return
-            segs.append([g, n, k, h])
-
-        pos = offset
-        while pos < end:
-            cstart = pos & ~(cs - 1)
-            cend = min(cstart + cs, end)
-            idx = (pos >> cb) & mask
-            e = l2[idx * ew]
-            if e & COMPRESSED:
-                segs.append([pos, cend - pos, COMP, e])
-            elif not ext:
-                off = e & OFFSET_MASK
-                if v3 and e & ZERO:
-                    add(pos, cend - pos, ZEROES, 0)
-                elif not off:
-                    add(pos, cend - pos, UNALLOC, 0)
-                else:
-                    if off & (cs - 1):
-                        raise self._corruption(f"data cluster offset 0x{off:x} is unaligned")
-                    add(pos, cend - pos, DATA, off + pos - cstart)
-            else:
-                bm = l2[idx * 2 + 1]
-                off = e & OFFSET_MASK
-                alloc, zero = bm & ALL_ALLOC, bm >> 32
-                if alloc & zero or (alloc and (not off or off & (cs - 1))):
-                    raise self._corruption(f"invalid extended L2 entry 0x{e:x}/0x{bm:x}")
-                if alloc == ALL_ALLOC:
-                    add(pos, cend - pos, DATA, off + pos - cstart)
-                elif zero == ALL_ALLOC:
-                    add(pos, cend - pos, ZEROES, 0)
-                elif not alloc and not zero:
-                    add(pos, cend - pos, UNALLOC, 0)
-                else:
-                    sb = self.sc_bits
-                    p = pos
-                    while p < cend:
-                        s = (p - cstart) >> sb
-                        se = min(cstart + ((s + 1) << sb), cend)
-                        if alloc >> s & 1:
-                            add(p, se - p, DATA, off + p - cstart)
-                        elif zero >> s & 1:
-                            add(p, se - p, ZEROES, 0)
-                        else:
-                            add(p, se - p, UNALLOC, 0)
-                        p = se
-            pos = cend
-        return segs
-
-    def _first_run(self, a: int, b: int) -> tuple[Status, int] | None:
-        """(status, length) of the first run of [a, b) (one L2 table, standard entries) with
-        one status; None if an entry needs _map's checks (an unaligned data offset)."""
-        _, l2 = self._l2(a >> self.chunk_bits)
-        if l2 is None:
-            return Status.UNALLOCATED, b - a
-        cb = self.cluster_bits
-        mask = self.l2_entries - 1
-        i0 = (a >> cb) & mask
-        i1 = ((b - 1) >> cb) & mask
-        zbit = ZERO if self.version >= 3 else 0
-        lowbits = self.cluster_size - 1
-
-        def kind(e: int) -> int:  # 0 unallocated, 1 zero, 2 data; -1: let _map decide
-            if e & COMPRESSED:
-                return 2
-            if e & zbit:
-                return 1
-            off = e & OFFSET_MASK
-            if not off:
-                return 0
-            return -1 if off & lowbits else 2
-
-        k = kind(l2[i0])
-        if k < 0:
-            return None
-        i = i0 + 1
-        while i <= i1:
-            k2 = kind(l2[i])
-            if k2 != k:
-                if k2 < 0:
-                    return None
-                break
-            i += 1
-        end = min(b, ((a >> cb) + (i - i0)) << cb)
-        return (Status.UNALLOCATED, Status.ZERO, Status.DATA)[k], end - a
-
-    def _contiguous_run(self, l2: array[int], offset: int, end: int) -> int | None:
-        """Host offset of `offset` if [offset, end) (one L2 table, standard entries) is a
-        single run of contiguous plain data clusters, else None. One fast scan."""
-        cb = self.cluster_bits
-        mask = self.l2_entries - 1
-        i0 = (offset >> cb) & mask
-        i1 = ((end - 1) >> cb) & mask
-        first = l2[i0]
-        off = first & OFFSET_MASK
-        if (not off or first & COMPRESSED or (self.version >= 3 and first & ZERO)
-                or off & (self.cluster_size - 1)):
-            return None
-        k = first
-        step = 1 << cb
-        for e in l2[i0 + 1:i1 + 1]:
-            k += step
-            if e != k:
-                return None
-        return off + (offset & (self.cluster_size - 1))
-
-    def _chunks(self, offset: int, end: int) -> list[tuple[int, int]]:
-        out = []
-        pos = offset
-        while pos < end:
-            ce = min(((pos >> self.chunk_bits) + 1) << self.chunk_bits, end)
-            out.append((pos, ce))
-            pos = ce
-        return out
-
     # -- reads ------------------------------------------------------------------------
     def layer_status(self, offset: int, length: int) -> Extent:
         """The run at offset with one status (compressed counts as DATA). Stops early, with
@@ -358,15 +205,16 @@ class Qcow2Image(Image):
         if length <= 0 or offset < 0 or offset >= self.virtual_size:
             raise OSError(errno.EINVAL, f"{self.path}: bad status range {offset}+{length}")
         end = min(offset + length, self.virtual_size)
+        cmap = self.map
         status: Status | None = None
         n = 0
         tables = 0
-        for a, b in self._chunks(offset, end):
-            if self.l1[a >> self.chunk_bits] & OFFSET_MASK:
+        for a, b in cmap.chunks(offset, end):
+            if cmap.l1[a >> cmap.chunk_bits] & OFFSET_MASK:
                 tables += 1
                 if tables > 8 and status is not None:  # bound the work: a shorter answer
                     break
-            first = None if self.extended_l2 else self._first_run(a, b)
+            first = None if self.extended_l2 else cmap.first_run(a, b)
             if first is not None:  # standard entries: scan only as far as the status holds
                 st, m = first
                 if status is None:
@@ -377,13 +225,13 @@ class Qcow2Image(Image):
                 if m < b - a:
                     return Extent(offset, n, status)
                 continue
-            for seg in self._map(a, b):
-                st = _STATUS[seg[2]]
+            for run in cmap.map(a, b):
+                st = _STATUS[run.kind]
                 if status is None:
                     status = st
                 elif st is not status:
                     return Extent(offset, n, status)
-                n += seg[1]
+                n += run.length
         assert status is not None
         return Extent(offset, n, status)
 
@@ -395,10 +243,10 @@ class Qcow2Image(Image):
             data = self._read_in_cluster(offset, length)
             if data is not None:
                 return data
-        if length and (offset >> self.chunk_bits) == ((end - 1) >> self.chunk_bits):
-            segs = self._map(offset, end)
-            if len(segs) == 1:  # one run: no staging buffer, no copy
-                kind, host = segs[0][2], segs[0][3]
+        if length and (offset >> self.map.chunk_bits) == ((end - 1) >> self.map.chunk_bits):
+            runs = self.map.map(offset, end)
+            if len(runs) == 1:  # one run: no staging buffer, no copy
+                kind, host = runs[0].kind, runs[0].host
                 if kind == DATA and host + length <= self.f.size:
                     data = os.pread(self.f.fd, length, host)
                     if len(data) == length:
@@ -415,13 +263,15 @@ class Qcow2Image(Image):
     def _read_in_cluster(self, offset: int, length: int) -> bytes | None:
         """Fast path for a read inside one cluster with a plain data or zero entry (a 4 KiB
         random read): one L2 lookup, no run list. None: take the general path."""
-        l1i = offset >> self.chunk_bits
-        if l1i >= len(self.l1) or not self.l1[l1i] & OFFSET_MASK:
+        cmap = self.map
+        l1i = offset >> cmap.chunk_bits
+        l1 = cmap.l1
+        if l1i >= len(l1) or not l1[l1i] & OFFSET_MASK:
             return None
-        _, l2 = self._l2(l1i)
+        l2 = cmap.table(l1i)
         if l2 is None:
             return None
-        e = l2[(offset >> self.cluster_bits) & (self.l2_entries - 1)]
+        e = l2[(offset >> self.cluster_bits) & (cmap.l2_entries - 1)]
         off = e & OFFSET_MASK
         if e & COMPRESSED or off & (self.cluster_size - 1):
             return None
@@ -439,8 +289,9 @@ class Qcow2Image(Image):
         """Like read(), into a caller's writable buffer (avoids a copy)."""
         self._check_range(offset, len(buf))
         end = offset + len(buf)
-        for a, b in self._chunks(offset, end):
-            for g, n, kind, host in self._map(a, b):
+        for a, b in self.map.chunks(offset, end):
+            for run in self.map.map(a, b):
+                g, n, kind, host = run.guest, run.length, run.kind, run.host
                 mv = buf[g - offset:g - offset + n]
                 if kind == DATA:
                     if host + n > self.f.size:
@@ -461,24 +312,23 @@ class Qcow2Image(Image):
         n = len(mv)
         m = 0 if bk is None else max(0, min(n, bk.virtual_size - goff))
         if m and bk is not None:
-            rinto = getattr(bk, "read_into", None)
-            if rinto is not None:
-                rinto(goff, mv[:m])
-            else:
-                mv[:m] = bk.read(goff, m)
+            bk.read_into(goff, mv[:m])
         if m < n:
             _zero(mv[m:])
 
     def _decompressed(self, entry: int) -> bytes:
-        if self._comp is not None and self._comp[0] == entry:
-            return self._comp[1]
+        if self._comp is not None and self._comp.entry == entry:
+            return self._comp.data
         off, size = compressed_range(entry, self.cluster_bits)
         if off >= self.f.size:
             raise self.f.eio(f"compressed cluster at 0x{off:x} lies beyond the end of file")
         data = decompress_cluster(self.compression_type, self.f.pread(size, off),
                                   self.cluster_size)
-        self._comp = (entry, data)
+        self._comp = _Decompressed(entry, data)
         return data
+
+    def _frees_applied(self) -> None:
+        self._comp = None  # its clusters may be reused
 
     def _view(self, goff: int, n: int) -> bytes:
         """The current guest view of [goff, goff+n), zeroes past the virtual size."""
@@ -488,141 +338,44 @@ class Qcow2Image(Image):
             self.read_into(goff, memoryview(buf)[:m])
         return bytes(buf)
 
-    # -- metadata writes --------------------------------------------------------------
-    def _set_reftable(self, off: int, clusters: int) -> None:
-        self.hdr.refcount_table_offset = off
-        self.hdr.refcount_table_clusters = clusters
-        self.f.pwrite(struct.pack(">QI", off, clusters), 48)
+    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """(fd, host offset, n): the first n <= length bytes at offset are plain data stored
+        contiguously in this file; None if not (unallocated, zero, compressed, ...)."""
+        self._check_range(offset, length)
+        if not length:
+            return None
+        cb = self.map.chunk_bits
+        end = min(offset + length, ((offset >> cb) + 1) << cb)
+        run = self.map.map(offset, end)[0]
+        if run.kind != DATA or run.host + run.length > self.f.size:
+            return None
+        return self.f.fd, run.host, run.length
 
-    def _write_l1(self, l1i: int, value: int) -> None:
-        if self.meta is not None:
-            ent = (self.hdr.l1_table_offset + l1i * 8) >> self.cluster_bits
-            self._guard(ent, 1, "active L1 table")
-            self.meta.l1_changed(self.l1[l1i], value)
-        self.l1[l1i] = value
-        self.f.pwrite(struct.pack(">Q", value), self.hdr.l1_table_offset + l1i * 8)
-
-    def _write_l2_entries(self, l2off: int, l2: array[int], lo: int, hi: int) -> None:
-        """Mark entries [lo, hi) of table l2 dirty (written back later)."""
-        if self.l2_cache.get(l2off) is not l2:
-            # l2 left the cache during this request (written back first if it was dirty)
-            # and may have been read in again: this object has the request's entries
-            self.l2_cache.put(l2off, l2)
-        d = self._dirty.get(l2off)
-        if d is None:
-            self._dirty[l2off] = (l2, [lo, hi])
-        else:
-            span = d[1]
-            if d[0] is not l2:
-                self._dirty[l2off] = (l2, span)
-            if lo < span[0]:
-                span[0] = lo
-            if hi > span[1]:
-                span[1] = hi
-
-    def _write_back(self) -> None:
-        """Write every dirty L2 table span, after syncing the refcounts they depend on."""
-        if not self._dirty or self.corrupt:  # a corrupt image's metadata is left alone
+    # -- writes -----------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        writer = self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if not len(mv):
             return
-        # the refcounts and data of the clusters the entries name reach the disk first
-        self.f.barrier(data=True)
-        ew = self._ew
-        for l2off in list(self._dirty):
-            t, (lo, hi) = self._dirty[l2off]
-            part = t[lo * ew:hi * ew]
-            part.byteswap()
-            self.f.pwrite(part.tobytes(), l2off + lo * ew * 8)
-            del self._dirty[l2off]
+        self._before_write()
+        writer.write(offset, mv)
 
-    def _evict_l2(self, l2off: int, table: array[int]) -> None:
-        """The LRU drops a table: if it is dirty, write all dirty tables back first."""
-        if l2off in self._dirty:
-            self._write_back()
-            self._dirty.pop(l2off, None)  # corrupt: dropped unwritten
+    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
+        """Copy length bytes from fd at src into whole clusters at offset that this image
+        does not hold (standard L2 entries, all unallocated) with copy_file_range: no
+        bytes through user space. Returns the bytes done (a prefix); 0: use write()."""
+        writer = self._check_writable()
+        self._check_range(offset, length)
+        return writer.write_from(offset, fd, src, length, self.backing_name is not None)
 
-    def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
-        """The L2 table for l1i, allocated or copied so that it may be modified."""
-        e = self.l1[l1i]
-        off = e & OFFSET_MASK
-        if off:
-            _, t = self._l2(l1i)
-            assert t is not None
-            c = off >> self.cluster_bits
-            if e & COPIED:
-                self._guard(c, 1, "active L2 table", c)
-                return off, t
-            if self.rc.get(c) == 1:
-                self._guard(c, 1, "active L2 table", c)
-                self._write_l1(l1i, off | COPIED)
-                return off, t
-            src = array("Q", t)
-        else:
-            src = array("Q", bytes(self.cluster_size))
-        start, _ = self._alloc(1)
-        new = start << self.cluster_bits
-        be = array("Q", src)
-        be.byteswap()
-        try:
-            self.f.pwrite(be.tobytes(), new)
-        except OSError:
-            self._unalloc(start, 1)
-            raise
-        self.f.unsynced = True
-        self.f.barrier()  # refcount and table content before the L1 entry
-        self._write_l1(l1i, new | COPIED)
-        self.l2_cache.put(new, src)
-        if off:
-            self.l2_cache.drop(off)
-            self._dirty.pop(off, None)
-            self._queue_free(off >> self.cluster_bits, 1)
-        return new, src
-
-    def _alloc(self, want: int) -> tuple[int, int]:
-        """1..want contiguous clusters whose refcount 1 is written (see _write_back)."""
-        start, count = self._reserve
-        if not count:  # refcounts written now, synced before any L2 entry naming them
-            start, count = self.rc.alloc(max(want, self._batch))
-            self._batch = min(self._batch * 2, self._max_batch)
-        k = min(want, count)
-        self._reserve = (start + k, count - k)
-        self._guard(start, k)
-        return start, k
-
-    def _unalloc(self, start: int, count: int) -> None:
-        """Give back clusters from _alloc that were never referenced (a write failed)."""
-        rs, rn = self._reserve
-        if start + count == rs or not rn:
-            self._reserve = (start, count + rn)
-        else:
-            self.rc.free(start, count)
-
-    def _return_reserve(self) -> None:
-        start, count = self._reserve
-        if count:
-            self._reserve = (0, 0)
-            self.rc.free(start, count)  # never referenced: no ordering needed
-
-    def _queue_free(self, start: int, count: int) -> None:
-        self._pending.append((start, count))
-        if len(self._pending) >= _MAX_PENDING_FREES:
-            self._apply_frees()
-
-    def _free_entry(self, e: int) -> None:
-        """Queue the refcount drop for whatever an (old) L2 entry pointed at."""
-        if e & COMPRESSED:
-            self._queue_free(*compressed_clusters(e, self.cluster_bits))
-        elif e & OFFSET_MASK:
-            self._queue_free((e & OFFSET_MASK) >> self.cluster_bits, 1)
-
-    def _apply_frees(self) -> None:
-        if not self._pending:
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        writer = self._check_writable()
+        self._check_range(offset, length)
+        if not length:
             return
-        self._write_back()
-        self.f.sync()  # the L2 entries that dropped these clusters are on disk first
-        pending, self._pending = self._pending, []
-        for start, count in pending:
-            self.rc.free(start, count)
-        self._comp = None
+        self._before_write()
+        writer.write_zeroes(offset, length, unmap, self.backing_name is not None)
 
     def _before_write(self) -> None:
         if self._prepared:
@@ -633,305 +386,24 @@ class Qcow2Image(Image):
             self._write_header(h)
         self._prepared = True
 
-    def _write_header(self, h: Header) -> None:
-        """Rewrite the header area in one pwrite inside the first cluster.
-
-        The file never grows (the tables follow the first cluster), and its blocks are
-        reserved first (fallocate), so a full file system fails the rewrite before a
-        byte changes instead of tearing it halfway.
-        """
-        buf = serialize_header(h)
-        if len(buf) > self.cluster_size:  # drop the optional feature name table
-            h.extensions = [(t, d) for t, d in h.extensions if t != EXT_FEATURE_TABLE]
-            buf = serialize_header(h)
-        if len(buf) > self.cluster_size:
-            raise OSError(errno.ENOSPC, f"{self.path}: header does not fit in the first cluster")
-        pad = max(0, min(self.cluster_size, self._hdr_len) - len(buf))
-        out = buf + bytes(pad)
-        if len(out) > self.f.size:
-            raise OSError(errno.EIO, f"{self.path}: the file is shorter than its header")
-        try:
-            fallocate(self.f.fd, _FALLOC_FL_KEEP_SIZE, 0, len(out))
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(e.errno, f"{self.path}: cannot rewrite the header: "
-                                       f"{e.strerror}") from None
-        done = os.pwrite(self.f.fd, out, 0)
-        if done != len(out):
-            raise OSError(errno.EIO, f"{self.path}: short header write ({done} of {len(out)})")
-        self.f.sync()
-        self.hdr = h
-        self._hdr_len = len(buf)
-
-    # -- writes -----------------------------------------------------------------------
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
-        mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
-        if not len(mv):
-            return
-        self._before_write()
-        for a, b in self._chunks(offset, offset + len(mv)):
-            self._write_chunk(a, mv[a - offset:b - offset])
-
-    def _entry(self, l2: array[int], idx: int) -> tuple[int, int]:
-        """(entry, bitmap) of L2 index idx, refusing entries that point outside the file."""
-        if self.extended_l2:
-            e, bm = l2[idx * 2], l2[idx * 2 + 1]
-        else:
-            e, bm = l2[idx], 0
-        if e & COMPRESSED:
-            host = compressed_range(e, self.cluster_bits)[0]
-            if host >= self.f.size:
-                raise self.f.eio(f"compressed cluster at 0x{host:x} lies beyond the end of file")
-        else:
-            off = e & OFFSET_MASK
-            if off & (self.cluster_size - 1):
-                raise self._corruption(f"L2 entry 0x{e:x} has an unaligned cluster offset")
-            if off and off + self.cluster_size > self.f.size:
-                raise self.f.eio(f"L2 entry 0x{e:x} points beyond the end of file")
-        return e, bm
-
-    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
-        """(fd, host offset, n): the first n <= length bytes at offset are plain data stored
-        contiguously in this file; None if not (unallocated, zero, compressed, ...)."""
-        self._check_range(offset, length)
-        if not length:
-            return None
-        end = min(offset + length, ((offset >> self.chunk_bits) + 1) << self.chunk_bits)
-        g, n, kind, host = self._map(offset, end)[0]
-        if kind != DATA or host + n > self.f.size:
-            return None
-        return self.f.fd, host, n
-
-    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
-        """Copy length bytes from fd at src into whole clusters at offset that this image
-        does not hold (standard L2 entries, all unallocated) with copy_file_range: no
-        bytes through user space. Returns the bytes done (a prefix); 0: use write()."""
-        self._check_writable()
-        self._check_range(offset, length)
-        cb, cs = self.cluster_bits, self.cluster_size
-        end = min(offset + length, ((offset >> self.chunk_bits) + 1) << self.chunk_bits)
-        if (self.extended_l2 or offset & (cs - 1) or end <= offset
-                or (end & (cs - 1) and end != self.virtual_size)):
-            return 0
-        if not self.l1[offset >> self.chunk_bits] & OFFSET_MASK and self.backing_name is None:
-            return 0  # unusual for a copy-up; keep to the general path
-        self._before_write()
-        l2off, l2 = self._writable_l2(offset >> self.chunk_bits)
-        mask = self.l2_entries - 1
-        c0, c1 = offset >> cb, ((end - 1) >> cb) + 1
-        for ci in range(c0, c1):
-            if l2[ci & mask]:
-                return 0
-        start, k = self._alloc(c1 - c0)
-        host = start << cb
-        n = min(end - offset, k << cb)
-        done = 0
-        try:
-            while done < n:
-                got = os.copy_file_range(fd, self.f.fd, n - done, src + done, host + done)
-                if got <= 0:
-                    raise OSError(errno.EIO, "copy_file_range made no progress")
-                done += got
-        except OSError as e:
-            self._unalloc(start, k)
-            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                return 0
-            raise
-        used = -(-n >> cb)
-        if used < k:
-            self._unalloc(start + used, k - used)
-        if host + (used << cb) > self.f.size:  # a partial last cluster: pad the file
-            self.f.size = max(self.f.size, host + n)
-            if n & (cs - 1):
-                tail = cs - (n & (cs - 1))
-                self.f.pwrite(bytes(tail), host + n)
-        else:
-            self.f.size = max(self.f.size, host + n)
-        updates = {(c0 + t) & mask: ((host + (t << cb)) | COPIED, ALL_ALLOC) for t in range(used)}
-        self._commit_entries(l2off, l2, updates, names_data=True)
-        return n
-
-    def _write_chunk(self, offset: int, data: memoryview) -> None:
-        cb, cs = self.cluster_bits, self.cluster_size
-        end = offset + len(data)
-        l2off, l2 = self._writable_l2(offset >> self.chunk_bits)
-        mask = self.l2_entries - 1
-        ext = self.extended_l2
-        inner = offset & (cs - 1)
-        if not ext and inner + len(data) <= cs:  # inside one cluster: in place if owned
-            e = l2[(offset >> cb) & mask]
-            off = e & OFFSET_MASK
-            if (e & COPIED and off and not e & COMPRESSED and not off & (cs - 1)
-                    and not (self.version >= 3 and e & ZERO) and off + cs <= self.f.size):
-                self._guard(off >> cb, 1)
-                self.f.pwrite(data, off + inner)  # no metadata to touch
-                return
-        if not ext and len(data) > cs and l2[(offset >> cb) & mask] & COPIED:
-            host = self._contiguous_run(l2, offset, end)
-            if host is not None and host + len(data) <= self.f.size:
-                self._guard(host >> cb, ((host + len(data) - 1) >> cb) - (host >> cb) + 1)
-                self.f.pwrite(data, host)  # all in place: no metadata to touch
-                return
-        zero_ok = self.version >= 3 and not ext
-        plans = []  # (cluster index, action, host offset, head fill, tail fill, old entry)
-        for ci in range(offset >> cb, ((end - 1) >> cb) + 1):
-            e, bm = self._entry(l2, ci & mask)
-            c0 = ci << cb
-            a, b = max(offset, c0), min(end, c0 + cs)
-            off = e & OFFSET_MASK
-            owned = False
-            if off and not e & COMPRESSED:
-                owned = bool(e & COPIED) or self.rc.get(off >> cb) == 1
-            if owned:
-                full = (bm & ALL_ALLOC) == ALL_ALLOC if ext else not (zero_ok and e & ZERO)
-                action = _INPLACE if full and e & COPIED else _FILL
-            else:
-                action = _NEW
-            head = tail = b""
-            if action != _INPLACE:
-                if a > c0:
-                    head = self._view(c0, a - c0)
-                if b < c0 + cs:
-                    tail = self._view(b, c0 + cs - b)
-            plans.append((ci, action, off, head, tail, e))
-        for p in plans:  # before anything is written: no half-done request
-            if p[1] != _NEW:
-                self._guard(p[2] >> cb, 1)
-        updates: dict[int, tuple[int, int]] = {}
-        frees: list[int] = []
-        i = 0
-        while i < len(plans):
-            ci, action, off, head, tail, e = plans[i]
-            c0 = ci << cb
-            if action == _INPLACE:
-                j = i + 1
-                while (j < len(plans) and plans[j][1] == _INPLACE
-                       and plans[j][2] == off + ((j - i) << cb)):
-                    j += 1
-                a = max(offset, c0)
-                b = min(end, (plans[j - 1][0] + 1) << cb)
-                self.f.pwrite(data[a - offset:b - offset], off + (a - c0))
-                i = j
-                continue
-            if action == _FILL:
-                k, host, start = 1, off, -1
-            else:
-                j = i + 1
-                while j < len(plans) and plans[j][1] == _NEW:
-                    j += 1
-                start, k = self._alloc(j - i)
-                host = start << cb
-            last = plans[i + k - 1]
-            a = max(offset, c0)
-            b = min(end, (last[0] + 1) << cb)
-            bufs: list[bytes | memoryview] = []
-            if head:
-                bufs.append(head)
-            bufs.append(data[a - offset:b - offset])
-            if last[4]:
-                bufs.append(last[4])
-            try:
-                self.f.pwritev(bufs, host)
-            except OSError:
-                if start >= 0:  # ENOSPC, EIO: the new clusters were never referenced
-                    self._unalloc(start, k)
-                raise
-            for t in range(k):
-                p = plans[i + t]
-                updates[p[0] & mask] = ((host + (t << cb)) | COPIED, ALL_ALLOC)
-                if p[1] == _NEW:
-                    frees.append(p[5])
-            i += k
-        if updates:
-            self._commit_entries(l2off, l2, updates, names_data=True)
-        for e in frees:
-            self._free_entry(e)
-
-    def _commit_entries(self, l2off: int, l2: array[int], updates: dict[int, tuple[int, int]],
-                        names_data: bool) -> None:
-        """Set L2 entries in the cached table (dirty). names_data: they name cluster data
-        just written, which must be synced before the table is written back."""
-        if names_data:
-            self.f.named_data = True
-        for idx, (e, bm) in updates.items():
-            if self.extended_l2:
-                l2[idx * 2] = e
-                l2[idx * 2 + 1] = bm
-            else:
-                l2[idx] = e
-        self._write_l2_entries(l2off, l2, min(updates), max(updates) + 1)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._check_writable()
-        self._check_range(offset, length)
-        if not length:
-            return
-        self._before_write()
-        cb, cs = self.cluster_bits, self.cluster_size
-        end = offset + length
-        fc0 = (offset + cs - 1) >> cb
-        fc1 = (end >> cb) if end < self.virtual_size else ((end + cs - 1) >> cb)
-        if fc0 >= fc1:
-            self._write_zero_data(offset, end)
-            return
-        if offset < fc0 << cb:
-            self._write_zero_data(offset, fc0 << cb)
-        zero_end = min(fc1 << cb, self.virtual_size)
-        for a, b in self._chunks(fc0 << cb, zero_end):
-            self._zero_chunk(a, b, unmap)
-        if zero_end < end:
-            self._write_zero_data(zero_end, end)
-
-    def _write_zero_data(self, a: int, b: int) -> None:
-        step = 1 << 20
-        while a < b:
-            n = min(step, b - a)
-            self.write(a, memoryview(_ZEROS)[:n])
-            a += n
-
-    def _zero_chunk(self, a: int, b: int, unmap: bool) -> None:
-        """Make whole clusters [a, b) read as zeroes (b may be the unaligned virtual end)."""
-        cb = self.cluster_bits
-        l1i = a >> self.chunk_bits
-        v3 = self.version >= 3
-        if not v3 and self.backing_name is not None:
-            self._write_zero_data(a, b)
-            return
-        if not (self.l1[l1i] & OFFSET_MASK) and self.backing_name is None:
-            return  # unallocated without a backing file already reads as zeroes
-        l2off, l2 = self._writable_l2(l1i)
-        mask = self.l2_entries - 1
-        updates: dict[int, tuple[int, int]] = {}
-        frees: list[int] = []
-        for ci in range(a >> cb, ((b - 1) >> cb) + 1):
-            idx = ci & mask
-            e, bm = self._entry(l2, idx)
-            off = e & OFFSET_MASK
-            keep = (not unmap and v3 and off and e & COPIED and not e & COMPRESSED)
-            if not v3:
-                new = (0, 0)
-            elif self.extended_l2:
-                new = ((off | COPIED) if keep else 0, ALL_ZERO)
-            else:
-                new = (((off | COPIED) if keep else 0) | ZERO, 0)
-            if new != (e, bm):
-                updates[idx] = new
-                if not keep:
-                    frees.append(e)
-        if updates:  # zero flags or no cluster at all: no data to order before them
-            self._commit_entries(l2off, l2, updates, names_data=False)
-        for e in frees:
-            self._free_entry(e)
-
     # -- durability, header, info -------------------------------------------------------
+    def _set_reftable(self, off: int, clusters: int) -> None:
+        write_reftable_pointer(self.f, self.hdr, off, clusters)
+
+    def _write_header(self, h: Header) -> None:
+        self._hdr_len = rewrite_header(self.f, h, self._hdr_len)
+        self.hdr = h
+
+    def _write_back_all(self) -> None:
+        """The dirty L2 tables and the queued frees to the file (not the final sync)."""
+        if not self.corrupt and self.alloc is not None:  # a corrupt image is left alone
+            self.l2_cache.write_back()
+            self.alloc.apply_frees()
+
     def flush(self) -> None:
         if self._closed or self.read_only:
             return
-        if not self.corrupt:  # a corrupt image's metadata is left alone
-            self._write_back()
-            self._apply_frees()
+        self._write_back_all()
         self.f.sync()
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
@@ -980,10 +452,9 @@ class Qcow2Image(Image):
             return
         try:
             if not self.read_only:
-                if not self.corrupt:
-                    self._write_back()
-                    self._apply_frees()
-                    self._return_reserve()
+                self._write_back_all()
+                if not self.corrupt and self.alloc is not None:
+                    self.alloc.return_reserve()
                 self.f.sync()
         finally:
             self._closed = True
