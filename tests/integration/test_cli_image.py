@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import VDISK, make_chain, qemu_img, qemu_info, qemu_io, run
+from tests.helpers.chains import expected_runs, make_chain, set_refcount, status_runs
+from tests.helpers.commands import guest_view, qemu_img, qemu_info, qemu_io, run, vdisk
 
 INFO_KEYS = (
     "filename", "format", "virtual-size", "actual-size", "cluster-size", "backing-filename",
@@ -19,9 +20,6 @@ INFO_KEYS = (
 )
 MiB = 1 << 20
 
-
-def vdisk(*args: str | Path, cwd: Path | None = None, check: bool = True):
-    return run(VDISK, *args, cwd=cwd, check=check)
 
 
 def pick(info: dict) -> dict:
@@ -269,24 +267,6 @@ def test_map_human_equals_qemu(tmp_path: Path) -> None:
 # -- check -------------------------------------------------------------------------------
 
 
-def _refcount_slot(path: Path, cluster: int) -> int:
-    """File offset of the 16-bit refcount of a host cluster (first refblock only)."""
-    head = path.read_bytes()[:104]
-    cs = 1 << struct.unpack_from(">I", head, 20)[0]
-    rt_off = struct.unpack_from(">Q", head, 48)[0]
-    with open(path, "rb") as f:
-        f.seek(rt_off)
-        rb = struct.unpack(">Q", f.read(8))[0]
-    assert cluster < cs // 2
-    return rb + 2 * cluster
-
-
-def _set_refcount(path: Path, cluster: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(_refcount_slot(path, cluster))
-        f.write(struct.pack(">H", value))
-
-
 def test_check_exit_codes_agree(tmp_path: Path) -> None:
     clean = tmp_path / "clean.qcow2"
     qemu_img("create", "-f", "qcow2", clean, "16M")
@@ -297,12 +277,12 @@ def test_check_exit_codes_agree(tmp_path: Path) -> None:
     end = -(-os.path.getsize(leak) // cs)
     with open(leak, "r+b") as f:
         f.truncate((end + 2) * cs)
-    _set_refcount(leak, end, 1)
-    _set_refcount(leak, end + 1, 1)
+    set_refcount(leak, end, 1)
+    set_refcount(leak, end + 1, 1)
     corrupt = tmp_path / "corrupt.qcow2"
     shutil.copy(clean, corrupt)
     l1 = struct.unpack_from(">Q", clean.read_bytes(), 40)[0]
-    _set_refcount(corrupt, l1 // cs, 0)  # the L1 table's cluster is in use
+    set_refcount(corrupt, l1 // cs, 0)  # the L1 table's cluster is in use
     for img, code in ((clean, 0), (leak, 3), (corrupt, 2)):
         theirs = run("qemu-img", "check", img, check=False)
         ours = vdisk("check", img, check=False)
@@ -352,10 +332,6 @@ def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None
     """Random writes, zeroes and discards in a 3-layer chain: map and contents as QEMU."""
     import random
 
-    from test_chain import _expected as expected_status
-    from test_chain import _walk as walk_status
-
-    from tests.helpers.chains import qemu_raw
     from vdisk.engine.chain import close_chain, iter_chain, open_chain
 
     rng = random.Random(seed)
@@ -387,12 +363,12 @@ def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None
         "map", "--output=json", top_path)
     top = open_chain(str(top_path), read_only=True)
     try:
-        assert top.read(0, top.virtual_size) == qemu_raw(top_path, tmp_path)
+        assert top.read(0, top.virtual_size) == guest_view(top_path, tmp_path)
         # after the reads: ext4 reports cached pages of unwritten extents as data
         entries = json.loads(qemu_img("map", "--output=json", top_path))
         layers = list(iter_chain(top))
         sizes = [i.virtual_size for i in layers]
-        assert walk_status(top) == expected_status(entries, sizes, None)
-        assert walk_status(top, layers[1]) == expected_status(entries, sizes, 1)
+        assert status_runs(top) == expected_runs(entries, sizes, None)
+        assert status_runs(top, layers[1]) == expected_runs(entries, sizes, 1)
     finally:
         close_chain(top)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from vdisk.cli import _demo as demo_mod
 from vdisk.errors import VdiskError
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60
 
 

@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import ROOT
 from tests.helpers.commands import assert_clean, qemu_img, run
 from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
-REPO = str(Path(__file__).resolve().parents[2])
+REPO = str(ROOT)
 
 CHILD = r"""
 import hashlib, json, random, sys
