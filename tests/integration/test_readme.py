@@ -156,7 +156,8 @@ def test_qmp_doc_names_every_registered_command_and_argument() -> None:
         for param in command.params:
             assert f"`{param.name}`" in sections[name], f"{name}: argument {param.name}"
     assert set(sections) - set(registry.names()) == events  # nothing unregistered
-    sources = (ROOT / "control" / "jobs.py").read_text() + (ROOT / "vdisk" / "daemon.py").read_text()
+    emitters = ("vdisk/block/job.py", "vdisk/block/stream.py", "vdisk/service/daemon.py")
+    sources = "".join((ROOT / path).read_text() for path in emitters)
     for event in events:
         assert f'"{event}"' in sources, event
 
