@@ -6,14 +6,18 @@
   fires, it appends the stack to the session's log file.
 * Every process the suite starts carries VDISK_TEST_SESSION=<token> in its environment
   (tests.helpers.leftovers), so that it can be told from other runs on the machine.
+* A test errors (at its teardown) if, once its own fixtures are torn down, it left
+  behind what was not there when it started:
+  - a mount at or below the session's temporary directories (pytest's basetemp), or a
+    fuse.vdisk mount of one of the session's daemons elsewhere;
+  - a loop device on a file there;
+  - a daemon (vdisk, qemu-storage-daemon, qemu-nbd, qemu-io, the faulty FUSE file,
+    torture or bench) started by the session;
+  what it left is cleaned up. A module's fixtures (a daemon shared by its tests) count
+  at the end of the session.
 * At the end of the session it fails (an error at the teardown of the last test) if
-  - a mount is left at or below the session's temporary directory (pytest's basetemp),
-    or a fuse.vdisk mount of one of its daemons elsewhere;
-  - a loop device is left on a file there;
-  - a daemon it started (vdisk, qemu-storage-daemon, qemu-nbd, qemu-io, the faulty FUSE
-    file, torture or bench) still runs;
-  - the loop guard's log is not empty (it is printed).
-  What is left is cleaned up, and reported with the first test after which it was seen.
+  anything of the above is left (cleaned up too), if a test left something, or if the
+  loop guard's log is not empty (it is printed).
 * Tests marked `root` are skipped when not running as root.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +39,8 @@ from vdisk.block import loop_guard
 TOKEN = uuid.uuid4().hex
 SESSION_DIR = Path(tempfile.gettempdir())  # set in pytest_configure
 _roots: list[Path] = []  # where the session's files are: mounts and loops there are ours
-_first_seen: dict[str, str] = {}  # leftover -> the test after which it was first seen
+_left_by: dict[str, str] = {}  # what a test left behind -> the test
+GRACE = 5.0  # seconds a test's daemons get to finish exiting after it
 
 
 def guard_log() -> Path:
@@ -88,10 +94,28 @@ def _found() -> dict[str, str]:
     return found
 
 
-def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    if _roots:
-        for key in _found():
-            _first_seen.setdefault(key, nodeid)
+def _clean(found: dict[str, str]) -> None:
+    """Stop the daemons, then detach the mounts and loop devices of found."""
+    leftovers.kill_all([int(k.split()[1]) for k in found if k.startswith("pid ")])
+    leftovers.unmount_all([k.split(" ", 1)[1] for k in found if k.startswith("mount ")])
+    leftovers.detach_loops([k.split(" ", 1)[1] for k in found if k.startswith("loop ")])
+
+
+@pytest.fixture(autouse=True)
+def each_test_leaves_nothing_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What a test leaves (a daemon, a mount, a loop device that was not there when it
+    started, after its own fixtures are torn down) is cleaned up, and the test errors."""
+    before = set(_found())
+    yield
+    deadline = time.monotonic() + GRACE
+    while (new := {k: v for k, v in _found().items() if k not in before}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)  # a daemon told to stop may still be on its way out
+    if new:
+        _clean(new)
+        _left_by.update(dict.fromkeys(new.values(), request.node.nodeid))
+        pytest.fail("left behind (now cleaned up):\n  " + "\n  ".join(new.values()),
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,14 +124,14 @@ def session_leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> I
     _roots.extend([tmp_path_factory.getbasetemp(), SESSION_DIR])
     yield
     problems = []
+    if _left_by:
+        problems.append("tests left these behind (cleaned up after each):")
+        problems += [f"  {what}  [{test}]" for what, test in _left_by.items()]
     found = _found()
     if found:
-        leftovers.kill_all([int(k.split()[1]) for k in found if k.startswith("pid ")])
-        leftovers.unmount_all([k.split(" ", 1)[1] for k in found if k.startswith("mount ")])
-        leftovers.detach_loops([k.split(" ", 1)[1] for k in found if k.startswith("loop ")])
+        _clean(found)
         problems.append("the session left these behind (now cleaned up):")
-        for key, what in found.items():
-            problems.append(f"  {what}  [first seen after {_first_seen.get(key, 'the end')}]")
+        problems += [f"  {what}" for what in found.values()]
     log = guard_log().read_text(errors="replace")
     if log.strip():
         problems.append(f"the loop guard fired (a blocking call on the event-loop thread); "

@@ -58,14 +58,14 @@ def mounts_under(root: str | os.PathLike[str]) -> list[str]:
 
 
 def loops() -> list[tuple[str, str]]:
-    """(device, backing file) of every loop device in use."""
-    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                         capture_output=True, text=True, check=False)
+    """(device, backing file) of every loop device in use (from /sys/block)."""
     out = []
-    for line in res.stdout.splitlines():
-        name, _, back = line.strip().partition(" ")
-        if back.strip():
-            out.append((name, back.strip().removesuffix(" (deleted)")))
+    for back_file in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            back = back_file.read_text().strip()
+        except OSError:
+            continue
+        out.append((f"/dev/{back_file.parts[3]}", back.removesuffix(" (deleted)")))
     return out
 
 
