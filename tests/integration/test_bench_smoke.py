@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 
 
+@pytest.mark.slow
 def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     work = tmp_path / "work"

@@ -62,6 +62,7 @@ def test_create_qcow2_like_qemu(tmp_path: Path, opts: list[str], qopts: list[str
     qemu_img("check", ours)
 
 
+@pytest.mark.slow
 def test_create_overlay_defaults_to_backing_size(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -88,6 +89,7 @@ def test_create_overlay_defaults_to_backing_size(tmp_path: Path) -> None:
     assert [i["format"] for i in chain] == ["qcow2", "qcow2", "raw"]
 
 
+@pytest.mark.slow
 def test_create_raw(tmp_path: Path) -> None:
     p = tmp_path / "r.raw"
     vdisk("create", p, "10M")
@@ -97,6 +99,7 @@ def test_create_raw(tmp_path: Path) -> None:
     assert os.path.getsize(p) == 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -133,6 +136,7 @@ def test_create_bad_input(tmp_path: Path, args: list[str], needles: list[str]) -
 # -- info --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_info_chain_equals_qemu(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     for name, cwd in ((str(imgs["top"]), None), ("top.qcow2", tmp_path), ("mid.qcow2", tmp_path)):
@@ -147,6 +151,7 @@ def test_info_chain_equals_qemu(tmp_path: Path) -> None:
             assert human == qemu_img("info", *extra, name, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
     d = tmp_path / "a" / "b"
     d.mkdir(parents=True)
@@ -161,6 +166,7 @@ def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
             "info", "--backing-chain", name, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
     dirty = tmp_path / "dirty.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", dirty, "1M")
@@ -186,6 +192,7 @@ def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
     assert qemu_info(dirty)["dirty-flag"] is True
 
 
+@pytest.mark.slow
 def test_info_bad_input(tmp_path: Path) -> None:
     res = vdisk("info", tmp_path / "missing", check=False)
     assert_one_line_error(res, "missing")
@@ -235,6 +242,7 @@ def _map_images(tmp: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.slow
 def test_map_json_equals_qemu(tmp_path: Path) -> None:
     for p in _map_images(tmp_path):
         ours = vdisk("map", "--output=json", p).stdout
@@ -253,6 +261,7 @@ def test_map_json_equals_qemu(tmp_path: Path) -> None:
                 "map", out, *args, cwd=tmp_path), args
 
 
+@pytest.mark.slow
 def test_map_human_equals_qemu(tmp_path: Path) -> None:
     for p in _map_images(tmp_path):
         theirs = run("qemu-img", "map", p.name, cwd=tmp_path, check=False)
@@ -267,6 +276,7 @@ def test_map_human_equals_qemu(tmp_path: Path) -> None:
 # -- check -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_exit_codes_agree(tmp_path: Path) -> None:
     clean = tmp_path / "clean.qcow2"
     qemu_img("create", "-f", "qcow2", clean, "16M")
@@ -316,6 +326,7 @@ def test_check_output_equals_qemu(tmp_path: Path, refcount_bits: int) -> None:
     assert ours["allocated-clusters"] > 20 and ours["fragmented-clusters"] > 0
 
 
+@pytest.mark.slow
 def test_check_raw_and_bad_input(tmp_path: Path) -> None:
     raw = tmp_path / "r.raw"
     qemu_img("create", "-f", "raw", raw, "1M")

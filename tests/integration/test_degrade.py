@@ -219,6 +219,7 @@ def fill(dirpath: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_enospc_through_fuse(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
@@ -343,6 +344,7 @@ def allocated(p: Path) -> set[int]:
             for o in range(m["start"], m["start"] + m["length"], 65536)}
 
 
+@pytest.mark.slow
 def test_backing_eio(tmp_path: Path) -> None:
     src = tmp_path / "base.raw"
     base = os.urandom(8 * MiB)

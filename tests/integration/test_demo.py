@@ -55,6 +55,7 @@ def _loop_possible() -> bool:
     return demo_mod.loop_unavailable() is None
 
 
+@pytest.mark.slow
 def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     proc = _demo(tmp_path)
     try:
@@ -77,6 +78,7 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_demo_sigint_midway_cleans_up(tmp_path: Path) -> None:
     proc = _demo(tmp_path)
     lines = []

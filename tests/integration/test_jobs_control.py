@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.chains import MiB, create, sha
 from tests.helpers.commands import check_clean, qemu_info, qemu_io, run, to_raw, vdisk
 from tests.helpers.daemon import serving
@@ -27,6 +29,7 @@ def spec(top: Path, drive_id: str = "d0", extra: str = "") -> str:
     return f"id={drive_id},file={top},copy-on-read=off{extra}"
 
 
+@pytest.mark.slow
 def test_speed_limit_and_set_speed(tmp_path: Path) -> None:
     a = chain(tmp_path, "a", data_mib=8)
     b = chain(tmp_path, "b", data_mib=16)
@@ -175,6 +178,7 @@ def test_error_classes_and_commands(tmp_path: Path) -> None:
         assert srv.stop() == 0, srv.stderr
 
 
+@pytest.mark.slow
 def test_events_to_every_client_and_parallel_drives(tmp_path: Path) -> None:
     a = chain(tmp_path, "a", data_mib=4, size_mib=8)
     b = chain(tmp_path, "b", data_mib=4, size_mib=8)
@@ -210,6 +214,7 @@ def test_daemon_stop_cancels_jobs(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.slow
 def test_cli_jobs(tmp_path: Path) -> None:
     top = chain(tmp_path, data_mib=8)
     with serving(tmp_path, spec(top)) as srv, qmp_session(srv.qmp_path) as q:

@@ -85,6 +85,7 @@ def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
     assert qemu_ok("qemu-io", "-c", "write 0 512", imgs["mid"])
 
 
+@pytest.mark.slow
 def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     with QemuHolder(imgs["top"], "qcow2"):

@@ -165,6 +165,7 @@ def test_daemonize_startup_errors(tmp_path: Path, daemons: Daemons) -> None:
     assert not is_mounted(mnt) and locked_bytes(top) == [] and not pidfile.exists()
 
 
+@pytest.mark.slow
 def test_pidfile_live_refuses_stale_replaced(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     mnt, sock, pidfile, logfile = _paths(tmp_path)

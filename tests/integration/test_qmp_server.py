@@ -659,6 +659,7 @@ def test_parse_arguments() -> None:
         parse_arguments(["a=1", "a=2"])
 
 
+@pytest.mark.slow
 def test_cli(sockdir: str) -> None:
     registry = make_registry()
 

@@ -98,6 +98,7 @@ def test_readme_has_a_quick_start() -> None:
             assert anchor in slugs, link
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @needs_root_and_loop
 def test_readme_quick_start_runs(tmp_path: Path) -> None:
@@ -196,6 +197,7 @@ def _toml_from_unit_comment() -> str:
     return "".join(f"{m}\n" for m in re.findall(r"^#       (\S.*)$", text, flags=re.M))
 
 
+@pytest.mark.slow
 def test_systemd_unit_serves_stops_and_clears_a_crash(tmp_path: Path) -> None:
     """The unit's commands, run as systemd would (its documented paths swapped for tmp):
     Type=forking, so ExecStart returns once serving, and PIDFile= names the daemon."""

@@ -308,6 +308,7 @@ def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backing", "reason"), BAD_BACKING, ids=[b for b, _ in BAD_BACKING])
 def test_backing_that_is_not_a_plain_file_is_refused(
     odd_files: Path, backing: str, reason: str
@@ -328,6 +329,7 @@ def test_backing_that_is_not_a_plain_file_is_refused(
     no_leftovers(odd_files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "reason"), [
     ("/dev/zero", "a device"), ("fifo", "a FIFO"), ("dir", "a directory"),
     ("sock", "a socket"), ("zero-link", "a device"),

@@ -8,6 +8,8 @@ import mmap
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.chains import make_chain
 from tests.helpers.commands import guest_view, qemu_img, qemu_io, qemu_map
 from tests.helpers.daemon import is_mounted, serving
@@ -57,6 +59,7 @@ def build_variants(tmp: Path) -> dict[str, Path]:
     return tops
 
 
+@pytest.mark.slow
 def test_chains_read_as_qemu_img_convert(tmp_path: Path) -> None:
     tops = build_variants(tmp_path)
     expect = {name: guest_view(top, tmp_path) for name, top in tops.items()}
@@ -108,6 +111,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_copy_on_read_fills_top_and_off_leaves_it(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "8M")
@@ -228,6 +232,7 @@ def _layout(entries: list[dict]) -> list[tuple[int, int, bool]]:
     return runs
 
 
+@pytest.mark.slow
 def test_seek_data_hole_matches_qemu_map(tmp_path: Path) -> None:
     """SEEK_DATA/SEEK_HOLE on the FUSE file (what `qemu-img map -f raw` uses) agree with
     `qemu-img map` of the chain itself."""

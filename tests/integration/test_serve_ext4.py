@@ -22,6 +22,7 @@ def _losetup(path: Path) -> str:
     return res.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_ext4_on_loop_device(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"

@@ -107,6 +107,7 @@ def _one_line(res: subprocess.CompletedProcess[str], mnt: Path, sock: Path) -> s
     return lines[0]
 
 
+@pytest.mark.slow
 def test_startup_errors(tmp_path: Path) -> None:
     _, top = _image(tmp_path)
     mnt, sock = tmp_path / "mnt", tmp_path / "q.sock"
@@ -156,6 +157,7 @@ def test_startup_errors(tmp_path: Path) -> None:
     assert not mnt.exists() or not os.listdir(mnt)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_busy_mount_point(tmp_path: Path) -> None:
     _, top = _image(tmp_path)

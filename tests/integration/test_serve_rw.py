@@ -57,6 +57,7 @@ with open(out, "wb") as f:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["inline", "threads"])
 def test_concurrent_random_io_matches_model(tmp_path: Path, engine: str) -> None:
     """inline: the daemon's normal mode. threads: every engine call goes to a worker

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.chains import GiB, MiB, create, depth_of, sha, three_layers
 from tests.helpers.commands import check_clean, qemu_info, qemu_io, qemu_map, run, to_raw, vdisk
 from tests.helpers.daemon import serving
@@ -16,6 +18,7 @@ def drive(top: Path, cor: bool = False) -> str:
     return f"id=d0,file={top},copy-on-read={'on' if cor else 'off'}"
 
 
+@pytest.mark.slow
 def test_full_stream_three_layers(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -158,6 +161,7 @@ def test_stream_2tib_sparse_is_fast(tmp_path: Path) -> None:
         assert Path(img).stat().st_size < 64 * MiB  # the holes stayed holes
 
 
+@pytest.mark.slow
 def test_cli_stream_offline(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -183,6 +187,7 @@ def test_cli_stream_offline(tmp_path: Path) -> None:
     assert out.returncode == 1 and "Traceback" not in out.stderr and str(raw) in out.stderr
 
 
+@pytest.mark.slow
 def test_stream_shorter_backing_file(tmp_path: Path) -> None:
     """An intermediate shorter than the top: past its end the view reads zeroes, which
     must be kept when the top is re-pointed at a longer base holding data there."""

@@ -27,6 +27,7 @@ def check_consistent(path: Path) -> None:
 
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "32M")
@@ -75,6 +76,7 @@ def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.slow
 def test_eio_report_ignore_stop(tmp_path: Path) -> None:
     src = tmp_path / "base.raw"
     src.write_bytes(os.urandom(16 * MiB))

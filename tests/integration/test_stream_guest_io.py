@@ -55,6 +55,7 @@ def random_io(fd: int, model: bytearray, rng: random.Random, *, discard: bool) -
     return "write"
 
 
+@pytest.mark.slow
 def test_random_guest_writes_during_stream(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     model = bytearray(to_raw(top, tmp_path / "orig.raw").read_bytes())
@@ -89,6 +90,7 @@ def test_random_guest_writes_during_stream(tmp_path: Path) -> None:
     assert to_raw(top, tmp_path / "after.raw").read_bytes() == model
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "32M")
     qemu_io(base, "write -P 0x5a 0 24M")
@@ -140,6 +142,7 @@ def file_digests(root: Path) -> dict[str, str]:
             for p in sorted(root.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_ext4_on_loop_during_stream(tmp_path: Path) -> None:
     content = tmp_path / "content"

@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fuzzing: the soak tests
+
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
 MASK = 0x00FF_FFFF_FFFF_FE00

@@ -31,6 +31,8 @@ from control.registry import Enum, ListOf, Registry, TypeSpec
 from tests.helpers.commands import qemu_img, qemu_io
 from tests.helpers.daemon import Served, cleanup, start
 
+pytestmark = pytest.mark.slow  # fuzzing: the soak tests
+
 MAX_MESSAGE = 1 << 20  # the daemon's default message size limit
 CANARY_LIMIT = 1.0  # seconds, generous
 SETTLE = 2.0

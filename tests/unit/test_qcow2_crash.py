@@ -71,6 +71,7 @@ def _expected(slot: list) -> bytes:
     return random.Random(seed).randbytes(n) if kind == "w" else bytes(n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cs,rbits", [(65536, 16), (512, 64)])
 def test_sigkill_rounds(tmp_path: Path, cs: int, rbits: int) -> None:
     """64 KiB clusters; and 512 B clusters with 64-bit refcounts, where the refcount table

@@ -112,6 +112,7 @@ def test_model(tmp_path: Path, cfg: tuple, seed: int) -> None:
         assert q.backing_name == (f"base.{base_fmt}" if base_fmt else None)
 
 
+@pytest.mark.slow
 def test_refcount_table_growth(tmp_path: Path) -> None:
     """512 B clusters with 64-bit refcounts: the refcount table must move several times."""
     size = 8 << 20
