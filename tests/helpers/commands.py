@@ -1,7 +1,7 @@
 """Commands: run() for any tool, and the qemu-img, qemu-io and vdisk command lines.
 
-qemu-img and qemu-io are the suite's oracles: images are made and checked with them,
-never with vdisk's own code. Every command gets /dev/null as stdin and a timeout.
+qemu-img and qemu-io are the suite's oracles: images are made and checked with them, not
+with the code under test. Every command gets /dev/null as stdin and a timeout.
 """
 
 from __future__ import annotations

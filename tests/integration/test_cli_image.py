@@ -39,6 +39,7 @@ def assert_one_line_error(res, *needles: str) -> None:
 # -- create ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("opts", "qopts"),
     [
@@ -313,6 +314,7 @@ def test_check_exit_codes_agree(tmp_path: Path) -> None:
     assert ours.stdout == theirs.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refcount_bits", [1, 4, 64])
 def test_check_output_equals_qemu(tmp_path: Path, refcount_bits: int) -> None:
     p = tmp_path / "r.qcow2"

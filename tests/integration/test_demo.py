@@ -102,6 +102,7 @@ def test_demo_sigint_midway_cleans_up(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_demo_without_loop_reads_the_raw_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +134,7 @@ def test_demo_reports_a_failed_start_in_one_line(
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_scripts_run_passes_arguments_and_exit_status(tmp_path: Path) -> None:
     """scripts/run sets up (idempotent), then runs vdisk with the arguments, from any folder."""
     run = ROOT / "scripts" / "run"

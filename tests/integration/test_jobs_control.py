@@ -59,6 +59,7 @@ def test_speed_limit_and_set_speed(tmp_path: Path) -> None:
         check_clean(top)
 
 
+@pytest.mark.slow
 def test_cancel_then_stream_again(tmp_path: Path) -> None:
     top = chain(tmp_path)
     want = sha(to_raw(top, tmp_path / "orig.raw"))
@@ -86,6 +87,7 @@ def test_cancel_then_stream_again(tmp_path: Path) -> None:
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, tmp_path / "orig.raw")
 
 
+@pytest.mark.slow
 def test_pause_resume_and_query_fields(tmp_path: Path) -> None:
     top = chain(tmp_path)
     with serving(tmp_path, spec(top)) as srv, qmp_session(srv.qmp_path) as q:

@@ -57,6 +57,7 @@ def test_qemu_writer_locks_out_vdisk_raw(tmp_path: Path) -> None:
     close_chain(top)
 
 
+@pytest.mark.slow
 def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     top = open_chain(str(imgs["top"]), read_only=False)
@@ -123,6 +124,7 @@ def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
     assert p.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_storage_daemon_export_locks_out_vdisk(tmp_path: Path) -> None:
     """A writable NBD export in qemu-storage-daemon: vdisk can neither write nor read the top."""
     import subprocess

@@ -138,6 +138,7 @@ def test_daemonize_serves_logs_and_stops_on_sigterm(tmp_path: Path, daemons: Dae
     assert "Traceback" not in old + new
 
 
+@pytest.mark.slow
 def test_daemonize_startup_errors(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     mnt, sock, pidfile, logfile = _paths(tmp_path)
@@ -226,6 +227,7 @@ read-only = true
 """
 
 
+@pytest.mark.slow
 def test_config_file_serves_its_drives(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     raw = tmp_path / "extra.raw"

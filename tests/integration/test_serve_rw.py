@@ -130,6 +130,7 @@ for n, path in enumerate(drives):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["inline", "threads"])
 def test_copy_on_read_never_overwrites_concurrent_writes(tmp_path: Path, engine: str) -> None:
     """Big O_DIRECT reads (1 MiB copy-on-read requests) race 4 KiB writes to the same

@@ -55,6 +55,7 @@ def test_full_stream_three_layers(tmp_path: Path) -> None:
     assert depth_of(entries, 0)[1] is True and depth_of(entries, 21 * MiB)[1] is True
 
 
+@pytest.mark.slow
 def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -87,6 +88,7 @@ def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
     assert depth_of(after, 30 * MiB)[1] is False
 
 
+@pytest.mark.slow
 def test_stream_backing_file_string(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -104,6 +106,7 @@ def test_stream_backing_file_string(tmp_path: Path) -> None:
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
 
 
+@pytest.mark.slow
 def test_stream_no_op_cases(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     alone = create(tmp_path / "alone.qcow2", 8 * MiB)
