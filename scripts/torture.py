@@ -18,7 +18,6 @@ the details name the seed and cycle (rerun with --seed to reproduce the same cho
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -33,25 +32,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from torture_lib.chain import ChainBuilder, ToolError, chain_of, check, convert  # noqa: E402
+from torture_lib.chain import ChainBuilder, ToolError, chain_of, check  # noqa: E402
 from torture_lib.model import WorkerLog, check_view  # noqa: E402
-from torture_lib.qmpctl import Qmp, StreamControl, StreamStats  # noqa: E402
-from torture_lib.served import Served, StartError, force_unmount  # noqa: E402
+from torture_lib.qmpctl import StreamControl, StreamStats  # noqa: E402
+from torture_lib.served import Served, StartError, force_unmount, is_mounted  # noqa: E402
+
+from tests.helpers.chains import sha  # noqa: E402
+from tests.helpers.commands import guest_view  # noqa: E402
+from tests.helpers.qmp import QMP  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
 STREAM_EVERY = 3  # every Nth cycle runs a stream to completion
 CHAIN_LIFE = 8  # a fresh chain after about this many cycles
 MAX_DETAILS = 25  # failure lines printed
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Failure(Exception):
@@ -186,7 +181,7 @@ class Torture:
                 self.say(f"chain now {[p.name for p in self.chain_paths()]}")
         self.chain_age += 1
         if changed or not self.ref:
-            self.ref = convert(self.top, self.dir / "view.raw")
+            self.ref = guest_view(self.top, self.dir)
 
     # -- the daemon -------------------------------------------------------------------
 
@@ -230,7 +225,7 @@ class Torture:
                     raise Failure()
                 self.summary.bytes_verified += length
 
-    def stop_daemon(self, kind: str, qmp: Qmp | None) -> None:
+    def stop_daemon(self, kind: str, qmp: QMP | None) -> None:
         srv = self.served
         assert srv is not None
         if kind in ("kill", "term+kill"):
@@ -253,8 +248,6 @@ class Torture:
             self.summary.sigterms += 1
         if rc != 0:
             self.fail(f"clean stop ({kind}) exited with status {rc}: {srv.tail()}")
-        from torture_lib.served import is_mounted
-
         if is_mounted(self.mount):
             self.fail(f"clean stop ({kind}) left the mount behind")
         self.check_log(srv)
@@ -341,7 +334,7 @@ class Torture:
 
     def verify_view(self, logs: list[WorkerLog], clean: bool) -> None:
         assert self.top is not None
-        view = convert(self.top, self.dir / "view.raw")
+        view = guest_view(self.top, self.dir)
         bad, nbytes = check_view(self.ref, view, logs, clean=clean)
         self.summary.bytes_verified += nbytes
         for m in bad:
@@ -355,7 +348,7 @@ class Torture:
         rng = random.Random(cseed)
         self.prepare_chain(rng)
         chain = self.chain_paths()
-        below = {p: sha256(p) for p in chain[1:]}  # backing files: read-only to the daemon
+        below = {p: sha(p) for p in chain[1:]}  # backing files: read-only to the daemon
         race = rng.random() < 0.35
         cor = rng.random() < 0.7
         threads = rng.random() < 0.3  # every engine call in a worker thread: more interleaving
@@ -365,7 +358,7 @@ class Torture:
                  f"{'(racing the stop) ' if completion and race else ''}then {kind}")
         srv = self.start_daemon(cor, threads)
         self.check_through_mount(rng, full=not cor and rng.random() < 0.3)
-        qmp = Qmp(self.qmp_path)
+        qmp = QMP(self.qmp_path)
         ctl = StreamControl(qmp, rng, chain, self.sstats)
         self.start_workers(rng)
         streamed_to: list[Path] | None = None
@@ -402,7 +395,7 @@ class Torture:
         self.check_images(killed=killed)
         self.verify_view(logs, clean=not killed)
         for path, digest in below.items():
-            if sha256(path) != digest:
+            if sha(path) != digest:
                 self.fail(f"{path.name} changed: the daemon wrote to a backing file")
         if streamed_to is not None:
             on_disk = self.chain_paths()
@@ -417,7 +410,7 @@ class Torture:
         self.cycle += 1
         self.say("final stream to the end")
         srv = self.start_daemon(copy_on_read=False)
-        qmp = Qmp(self.qmp_path)
+        qmp = QMP(self.qmp_path)
         ctl = StreamControl(qmp, self.rng, self.chain_paths(), self.sstats)
         ok = len(ctl.chain) == 1 or ctl.run_to_end(timeout=600, whole=True)
         for text in ctl.failures:

@@ -5,20 +5,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.commands import qemu_img, run
 
 CLUSTER = 64 << 10
 TOP_FRACTION = 0.25  # share of 64 KiB clusters the top holds (random data, random places)
 PIECE = 8 << 20
-
-
-def run(cmd: list[str], cwd: Path | None = None) -> str:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ def build_chain(dir: Path, size: int, seed: int = 1) -> Chain:
             n = min(PIECE, left)
             f.write(os.urandom(n))
             left -= n
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(chain.base)])
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, chain.base, timeout=None)
     rng = random.Random(seed)
     only = dir / "top-only.raw"  # the top's clusters, holes elsewhere
     with open(raw, "r+b") as f, open(only, "wb") as t:
@@ -66,9 +60,10 @@ def build_chain(dir: Path, size: int, seed: int = 1) -> Chain:
                 t.write(data)
     os.replace(raw, chain.expected)  # raw is now the guest view
     # holes stay unallocated in the qcow2; then point it at the base without copying
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "top-only.raw", "top.qcow2"], cwd=dir)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "top-only.raw", "top.qcow2", cwd=dir,
+             timeout=None)
     only.unlink()
-    run(["qemu-img", "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"], cwd=dir)
+    qemu_img("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=dir)
     return chain
 
 
@@ -76,8 +71,8 @@ def copy_chain(src: Chain, dst: Path) -> Chain:
     """A fresh copy of the two images (the top names its base relatively)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("base.qcow2", "top.qcow2"):
-        subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(src.dir / name),
-                        str(dst / name)], check=True)
+        run("cp", "--reflink=auto", "--sparse=always", src.dir / name, dst / name,
+            timeout=None)
     os.sync()
     return Chain(dst, src.size)
 
@@ -85,9 +80,9 @@ def copy_chain(src: Chain, dst: Path) -> Chain:
 def sparse_chain(dir: Path, size: int) -> Chain:
     """An empty qcow2 top over an empty qcow2 base, both `size` bytes (no data at all)."""
     dir.mkdir(parents=True, exist_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", str(size)], cwd=dir)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-         "top.qcow2", str(size)], cwd=dir)
+    qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", size, cwd=dir)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
+             size, cwd=dir)
     return Chain(dir, size)
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_lib.chain import TOP_FRACTION, Chain, copy_chain, run, sparse_chain
+from bench_lib.chain import TOP_FRACTION, Chain, copy_chain, sparse_chain
 from bench_lib.fio import Job, run_fio
 from bench_lib.profile import sampled
 from bench_lib.sides import SIDES, Side
+from tests.helpers.commands import qemu_img, run
+from tests.helpers.qmp import QMP
+
+FINAL = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 MiB = 1 << 20
 TIB = 1 << 40
@@ -50,39 +53,29 @@ class StreamFailed(RuntimeError):
     pass
 
 
-def start_stream(side: Side, client: Any, speed: int = 0) -> None:
+def start_stream(side: Side, client: QMP, speed: int = 0) -> None:
     args: dict[str, Any] = {"device": side.device, "job-id": "job0"}
     if side.name == "vdisk":
         args.pop("job-id")
     if speed:
         args["speed"] = speed
-    client.cmd("block-stream", **args)
+    client.ok("block-stream", **args)
 
 
-def wait_stream(client: Any, timeout: float) -> dict[str, Any]:
+def wait_stream(client: QMP, timeout: float) -> dict[str, Any]:
     """Wait for the job's final event; its data."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StreamFailed("stream did not finish in time")
-        ev = client.pull_event(wait=left)
-        if ev is None:
-            continue
-        if ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-            data: dict[str, Any] = ev.get("data", {})
-            if ev["event"] == "BLOCK_JOB_CANCELLED" or data.get("error"):
-                raise StreamFailed(f"stream ended with {ev['event']} {data}")
-            return data
+    ev = client.next_event(*FINAL, timeout=timeout)
+    if ev is None:
+        raise StreamFailed("stream did not finish in time")
+    data: dict[str, Any] = ev.get("data", {})
+    if ev["event"] == "BLOCK_JOB_CANCELLED" or data.get("error"):
+        raise StreamFailed(f"stream ended with {ev['event']} {data}")
+    return data
 
 
-def wait_final(client: Any, timeout: float) -> None:
+def wait_final(client: QMP, timeout: float) -> None:
     """Wait for any final job event (after a cancel)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ev = client.pull_event(wait=max(deadline - time.monotonic(), 0.01))
-        if ev is not None and ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-            return
+    client.next_event(*FINAL, timeout=timeout)
 
 
 class Bench:
@@ -157,14 +150,14 @@ class Bench:
             mem = side.memory()
             r["rss_after_stream_mib"] = mem["VmRSS"] / MiB
             r["hwm_after_stream_mib"] = mem["VmHWM"] / MiB
-        info = run(["qemu-img", "info", "--output=json", str(chain.top)])
+        info = qemu_img("info", "--output=json", chain.top)
         if '"backing-filename"' in info:
             raise StreamFailed(f"{name}: the top still has a backing file after the stream")
         self.check_same_view(chain, "stream")
 
     def check_same_view(self, chain: Chain, what: str) -> None:
-        res = subprocess.run(["qemu-img", "compare", "-q", str(chain.top), str(self.chain.expected)],
-                             capture_output=True, text=True)
+        res = run("qemu-img", "compare", "-q", chain.top, self.chain.expected, check=False,
+                  timeout=None)
         if res.returncode != 0:
             raise RuntimeError(f"{chain.dir}: guest view changed after {what}: {res.stderr}")
 
@@ -183,11 +176,11 @@ class Bench:
                 speed = max(int(lacking / (4 * (self.s.runtime + self.s.ramp))), 1 << 16)
                 start_stream(side, client, speed)
                 busy = self.fio(side, job)["read"]
-                jobs = client.cmd("query-block-jobs")
+                jobs = client.ok("query-block-jobs")
                 running = bool(jobs)
                 if running:
                     r["stream_progress_during_fio"] = jobs[0]["offset"] / max(jobs[0]["len"], 1)
-                    client.cmd("block-job-cancel", device="job0" if side.name == "qsd" else "d0")
+                    client.ok("block-job-cancel", device="job0" if side.name == "qsd" else "d0")
                     wait_final(client, 60)
             finally:
                 client.close()
@@ -215,7 +208,7 @@ class Bench:
         chain = self.fresh("qemu-img", "rebase")
         self.say("qemu-img rebase -b ''")
         t0 = time.monotonic()
-        run(["qemu-img", "rebase", "-b", "", str(chain.top)])
+        qemu_img("rebase", "-b", "", chain.top, timeout=None)
         took = time.monotonic() - t0
         self.check_same_view(chain, "rebase")
         return took

@@ -7,20 +7,15 @@ lingers, and unmounts whatever it left behind.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from bench_lib.chain import Chain
-from control.client import qmp_listening
-from vdisk.service.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
+from tests.helpers import ROOT
+from tests.helpers.daemon import launch, stop
+from tests.helpers.qmp import QMP
+from vdisk.service.mounts import force_unmount, is_mounted
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -65,43 +60,21 @@ class Side:
 
     def __enter__(self) -> Side:
         self.work.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=self.cwd(), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not (qmp_listening(self.qmp_path) and is_mounted(self.mount)):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
-                                       f"{self.log_path.read_text(errors='replace')[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not start (see {self.log_path})")
-                time.sleep(0.05)
-        except BaseException:
-            self.__exit__()
-            raise
+        self.proc = launch(self.command(), qmp_path=self.qmp_path, log_path=self.log_path,
+                           name=self.name, cwd=self.cwd(), mount=self.mount,
+                           ready=lambda: is_mounted(self.mount))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        proc = self.proc
         try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=STOP_TIMEOUT)
+            if self.proc is not None:
+                stop(self.proc)
         finally:
             force_unmount(self.mount)
 
-    def qmp(self) -> Any:
-        """A connected qemu.qmp legacy client (close it when done)."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        client = QEMUMonitorProtocol(str(self.qmp_path))
-        client.connect()
-        return client
+    def qmp(self) -> QMP:
+        """A QMP session (close it when done)."""
+        return QMP(self.qmp_path)
 
     def memory(self) -> dict[str, int]:
         return memory(self.pid)

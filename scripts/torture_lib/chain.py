@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.commands import CommandFailed, qemu_info, qemu_io, run
 
 KiB = 1 << 10
 MiB = 1 << 20
 CLUSTER_SIZES = [512, 4 * KiB, 16 * KiB, 64 * KiB, 64 * KiB, 128 * KiB, 512 * KiB, 1 * MiB]
 CLUSTER_WEIGHTS = [1, 3, 3, 4, 0, 2, 2, 2]
 
-
-class ToolError(Exception):
-    pass
-
-
-def run(*cmd: str | os.PathLike[str], check: bool = True, cwd: Path | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
-                         timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and res.returncode != 0:
-        raise ToolError(f"{' '.join(map(str, cmd))} failed ({res.returncode}): "
-                        f"{res.stderr.strip()}{res.stdout.strip()}")
-    return res
+ToolError = CommandFailed  # a qemu tool failed
 
 
 @dataclass
@@ -38,19 +25,8 @@ class Layer:
 
 def chain_of(top: Path) -> list[Layer]:
     """The chain on disk, top first (qemu-img info --backing-chain)."""
-    out = run("qemu-img", "info", "-U", "--backing-chain", "--output=json", top).stdout
-    layers = []
-    for e in json.loads(out):
-        layers.append(Layer(Path(e["filename"]), e["format"], e.get("cluster-size", 0)))
-    return layers
-
-
-def convert(top: Path, dest: Path) -> bytes:
-    """The guest view of the chain, by qemu-img convert."""
-    run("qemu-img", "convert", "-U", "-O", "raw", top, dest)
-    data = dest.read_bytes()
-    dest.unlink()
-    return data
+    return [Layer(Path(e["filename"]), e["format"], e.get("cluster-size", 0))
+            for e in qemu_info(top, "-U", "--backing-chain")]
 
 
 def check(path: Path, repair_leaks: bool = False) -> tuple[int, str, list[int]]:
@@ -142,14 +118,8 @@ class ChainBuilder:
         return cmds
 
     def _qemu_io(self, path: Path, fmt: str, cmds: list[str]) -> None:
-        if not cmds:
-            return
-        args: list[str | os.PathLike[str]] = ["qemu-io", "-f", fmt]
-        for c in cmds:
-            args += ["-c", c]
-        out = run(*args, path).stdout
-        if "error" in out.lower() or "fail" in out.lower():
-            raise ToolError(f"qemu-io on {path}: {out.strip()}")
+        if cmds:
+            qemu_io(path, *cmds, fmt=fmt)
 
     def add_layer(self, rng: random.Random, below: Path, below_fmt: str, *, fill: bool) -> Path:
         """A new qcow2 overlay over below (named relatively or absolutely); with fill, the

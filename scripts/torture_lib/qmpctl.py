@@ -1,4 +1,4 @@
-"""A QMP session (qemu.qmp's legacy client) and the random stream controller of a cycle."""
+"""The random stream controller of a cycle, over a QMP session (tests.helpers.qmp)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from tests.helpers.qmp import QMP
 
 logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
 logging.getLogger("qemu.qmp").propagate = False
@@ -17,44 +17,6 @@ logging.getLogger("qemu.qmp").propagate = False
 # Errors a racing control sequence may legitimately get (the job ended meanwhile, it is
 # already paused or being cancelled, ...). Anything else is a bug.
 EXPECTED_ERRORS = {"DeviceNotActive", "DeviceInUse", "GenericError"}
-
-
-class Qmp:
-    def __init__(self, sock: Path) -> None:
-        self.q = QEMUMonitorProtocol(str(sock))
-        self.q.settimeout(60)
-        self.q.connect()
-        self.events: list[dict[str, Any]] = []
-
-    def cmd(self, name: str, **args: Any) -> dict[str, Any]:
-        return self.q.cmd_raw(name, args)  # type: ignore[return-value]
-
-    def poll_events(self) -> list[dict[str, Any]]:
-        new = self.q.get_events(wait=False)
-        self.events.extend(new)
-        return new
-
-    def wait_event(self, names: tuple[str, ...], timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev["event"] in names:
-                    return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                ev = self.q.pull_event(wait=min(left, 0.5))
-            except Exception:  # asyncio.TimeoutError
-                ev = None
-            if ev is not None:
-                self.events.append(ev)
-
-    def close(self) -> None:
-        try:
-            self.q.close()
-        except Exception:  # the daemon may be gone
-            pass
 
 
 @dataclass
@@ -68,7 +30,7 @@ class StreamStats:
 class StreamControl:
     """Starts, throttles, pauses, resumes and cancels streams on drive d0 at random."""
 
-    def __init__(self, qmp: Qmp, rng: random.Random, chain: list[Path], stats: StreamStats
+    def __init__(self, qmp: QMP, rng: random.Random, chain: list[Path], stats: StreamStats
                  ) -> None:
         self.qmp = qmp
         self.rng = rng
@@ -173,7 +135,7 @@ class StreamControl:
         self.handle_events()
         if self.job_running:
             self._cmd("block-job-cancel", device="d0")
-            ev = self.qmp.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), 60)
+            ev = self.qmp.next_event("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", timeout=60)
             if ev is None:
                 self.failures.append("a cancelled job sent no final event within 60 s")
                 return False
@@ -190,7 +152,7 @@ class StreamControl:
             self._cmd("block-job-pause", device="d0")
             time.sleep(self.rng.uniform(0, 0.3))
             self._cmd("block-job-resume", device="d0")
-        ev = self.qmp.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout)
+        ev = self.qmp.next_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", timeout=timeout)
         if ev is None:
             self.failures.append(f"the stream did not complete within {timeout:.0f} s")
             return False

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from control.client import qmp_listening
+from tests.helpers import ROOT
+from tests.helpers.commands import vdisk_cmd
+from tests.helpers.daemon import StartError, launch, log_tail, stop
 from vdisk.service.mounts import force_unmount, is_mounted  # noqa: F401 (re-exported)
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 
-
-class StartError(Exception):
-    pass
+__all__ = ["StartError", "Served", "force_unmount", "is_mounted"]
 
 
 class Served:
@@ -33,35 +29,17 @@ class Served:
         self.log_start = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as f:
             f.write(f"--- serve {drive} {' '.join(extra)}\n".encode())
-            f.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vdisk", "serve", "--mount", str(mount), "--qmp", str(qmp),
-                 "--drive", drive, *extra], cwd=ROOT, stdout=f, stderr=f, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not qmp_listening(qmp):
-                if self.proc.poll() is not None:
-                    raise StartError(
-                        f"vdisk serve exited with {self.proc.returncode}: {self.tail()}")
-                if time.monotonic() > deadline:
-                    raise StartError(
-                        f"vdisk serve did not start in {START_TIMEOUT}s: {self.tail()}")
-                time.sleep(0.02)
-        except BaseException:  # also Ctrl-C: never leave the daemon behind
-            self.kill()
-            raise
+        self.proc = launch(
+            vdisk_cmd("serve", "--mount", mount, "--qmp", qmp, "--drive", drive, *extra),
+            qmp_path=qmp, log_path=log, append=True, cwd=ROOT, new_session=True,
+            timeout=START_TIMEOUT)
 
     @property
     def drive(self) -> Path:
         return self.mount / "d0"
 
     def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return log_tail(self.log, lines=lines)
 
     def errors(self) -> list[str]:
         """ERROR/CRITICAL lines and tracebacks this daemon logged."""
@@ -75,19 +53,12 @@ class Served:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT)
+        stop(self.proc, signal.SIGKILL, STOP_TIMEOUT)
 
     def terminate(self) -> int:
         """SIGTERM and wait; the exit status (-9 if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.wait()
+        return stop(self.proc, signal.SIGTERM, STOP_TIMEOUT)
 
     def wait(self) -> int:
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
+        """Wait for an exit already asked for (QMP quit); SIGKILL after STOP_TIMEOUT."""
+        return stop(self.proc, None, STOP_TIMEOUT)

@@ -1,55 +1,37 @@
-"""Helpers for the raw/chain/CLI/locking tests: qemu-img and qemu-io as oracles."""
+"""Backing chains for the tests, made with qemu-img and qemu-io only; reading them back.
+
+To open a chain with vdisk's engine, use vdisk.engine.chain (open_chain, iter_chain,
+close_chain): nothing here walks a chain by hand.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import subprocess
+import struct
 from pathlib import Path
 from typing import Any
 
-VDISK = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "vdisk")
+from tests.helpers.commands import qemu_img, qemu_io
+from vdisk.engine.chain import chain_status
+from vdisk.engine.image import Image, Status
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+Run = tuple[int, int, int | None, Status]  # (offset, length, depth or None, status)
 
 
-def run(*cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
-                         timeout=60)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({res.returncode}): {res.stderr}{res.stdout}")
-    return res
-
-
-def qemu_img(*args: str | os.PathLike[str], cwd: Any = None) -> str:
-    return run("qemu-img", *args, cwd=cwd).stdout
-
-
-def qemu_io(path: str | os.PathLike[str], *cmds: str, fmt: str | None = None) -> None:
-    args: list[str] = []
-    if fmt:
-        args += ["-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    run("qemu-io", *args, path)
-
-
-def qemu_map(path: str | os.PathLike[str], cwd: Any = None) -> list[dict[str, Any]]:
-    return json.loads(qemu_img("map", "--output=json", path, cwd=cwd))
-
-
-def qemu_info(path: str | os.PathLike[str], *extra: str, cwd: Any = None) -> Any:
-    return json.loads(qemu_img("info", "--output=json", *extra, path, cwd=cwd))
-
-
-def qemu_raw(path: str | os.PathLike[str], tmp: Path) -> bytes:
-    """The guest view of an image as `qemu-img convert -O raw` gives it."""
-    out = tmp / f"conv-{os.getpid()}-{abs(hash(str(path)))}.raw"
-    qemu_img("convert", "-U", "-O", "raw", path, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
+def create(path: Path, size: int | str, backing: Path | str | None = None,
+           backing_fmt: str = "qcow2", fmt: str = "qcow2", opts: str = "") -> Path:
+    """qemu-img create one image (a backing name is stored as given)."""
+    args: list[str | Path] = ["create", "-q", "-f", fmt]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", backing_fmt]
+    if opts:
+        args += ["-o", opts]
+    qemu_img(*args, path, str(size))
+    return path
 
 
 def make_chain(tmp: Path) -> dict[str, Path]:
@@ -69,54 +51,91 @@ def make_chain(tmp: Path) -> dict[str, Path]:
     return {"base": base, "mid": mid, "top": top}
 
 
-def locked_bytes(path: str | os.PathLike[str]) -> list[int]:
-    """QEMU lock bytes (100.., 200..) some open file description holds on path."""
-    import fcntl
-    import struct
-
-    fmt = "hhqqi4x"
-    held = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for byte in [*range(100, 105), *range(200, 205)]:
-            req = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-            res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
-            if struct.unpack(fmt, res)[0] != fcntl.F_UNLCK:
-                held.append(byte)
-    finally:
-        os.close(fd)
-    return held
+def three_layers(d: Path, size: int = 64 * MiB) -> tuple[Path, Path, Path]:
+    """base <- mid <- top with data in every layer; mid zeroes a range over base data;
+    top has unaligned writes (one over mid data, one over unallocated space)."""
+    base = create(d / "base.qcow2", size)
+    qemu_io(base, "write -P 0x11 0 16M", "write -P 0x12 40M 4M", f"write -P 0x13 {size - MiB} 1M")
+    mid = create(d / "mid.qcow2", size, "base.qcow2")
+    qemu_io(mid, "write -P 0x21 8M 4M", "write -z 1M 1M", "write -P 0x22 20M 4M",
+            "write -z 41M 64K")
+    top = create(d / "top.qcow2", size, "mid.qcow2")
+    qemu_io(top, "write -P 0x31 3146962 100000", "write -P 0x32 22020173 5000",
+            "write -P 0x33 52428877 4097")
+    return base, mid, top
 
 
-class QemuHolder:
-    """`qemu-io` kept running interactively, holding an image (and its chain) open."""
+def depth_of(entries: list[dict[str, Any]], offset: int) -> tuple[int, bool, bool]:
+    """(depth, data, zero) of the `qemu-img map` entry covering offset."""
+    for e in entries:
+        if e["start"] <= offset < e["start"] + e["length"]:
+            return e["depth"], e["data"], e["zero"]
+    raise AssertionError(f"offset {offset} not in map")
 
-    def __init__(self, path: str | os.PathLike[str], fmt: str, *, read_only: bool = False):
-        args = ["qemu-io", "-f", fmt] + (["-r"] if read_only else []) + [str(path)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        # qemu-io answers commands only once the image is open, with all its locks taken
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write("length\n")
-            self.proc.stdin.flush()
-            answer = self.proc.stdout.readline()
-        except OSError:
-            answer = ""
-        if "iB" not in answer or not locked_bytes(path):
-            self.close()
-            raise AssertionError(f"qemu-io did not open {path}: {answer!r}")
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.communicate("quit\n", timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
+def set_refcount(path: Path, cluster: int, value: int) -> None:
+    """Overwrite the 16-bit refcount of a host cluster in place (the image's first refcount
+    block only), to make leaks and corruptions for the check tests."""
+    head = path.read_bytes()[:104]
+    cs = 1 << struct.unpack_from(">I", head, 20)[0]
+    rt_off = struct.unpack_from(">Q", head, 48)[0]
+    with open(path, "r+b") as f:
+        f.seek(rt_off)
+        rb = struct.unpack(">Q", f.read(8))[0]
+        assert cluster < cs // 2, "past the first refcount block"
+        f.seek(rb + 2 * cluster)
+        f.write(struct.pack(">H", value))
 
-    def __enter__(self) -> QemuHolder:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def sha(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's content (read in 4 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- chain_status against qemu-img map ---------------------------------------------------
+
+
+def _expected_status(entry: dict[str, Any], sizes: list[int]) -> tuple[int | None, Status]:
+    """chain_status's answer derived from one qemu-img map entry."""
+    if entry["present"]:
+        return entry["depth"], Status.DATA if entry["data"] else Status.ZERO
+    d = entry["depth"]
+    if d + 1 < len(sizes) and entry["start"] >= sizes[d + 1]:
+        return d + 1, Status.ZERO  # past the end of the shorter backing image d+1
+    return None, Status.ZERO
+
+
+def status_runs(top: Image, base: Image | None = None) -> list[Run]:
+    """chain_status over the whole top, adjacent equal answers merged: (offset, length,
+    depth, status) runs."""
+    out: list[Run] = []
+    off = 0
+    while off < top.virtual_size:
+        n, depth, st = chain_status(top, off, top.virtual_size - off, base=base)
+        assert n > 0
+        if out and out[-1][2:] == (depth, st) and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n, depth, st)
+        else:
+            out.append((off, n, depth, st))
+        off += n
+    return out
+
+
+def expected_runs(entries: list[dict[str, Any]], sizes: list[int], base_depth: int | None
+                  ) -> list[Run]:
+    """The runs status_runs must give, derived from `qemu-img map` entries of the top, the
+    virtual sizes of the chain's layers (top first) and the depth of base (or None)."""
+    out: list[Run] = []
+    for e in entries:
+        depth, st = _expected_status(e, sizes)
+        if base_depth is not None and (depth is None or depth >= base_depth):
+            depth, st = None, Status.UNALLOCATED
+        if out and out[-1][2:] == (depth, st):
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], depth, st)
+        else:
+            out.append((e["start"], e["length"], depth, st))
+    return out

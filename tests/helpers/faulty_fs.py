@@ -1,10 +1,15 @@
-"""A fault-injecting FUSE file for tests: serves SRC read-only as MOUNT/disk, failing reads
-that touch [BAD_START, BAD_END) with EIO, unless the file SRC.ok exists.
+"""File systems that fail, for the degradation and stream-fault tests.
+
+faulty_file(): a fault-injecting FUSE file that serves SRC read-only as MOUNT/disk, failing
+reads that touch [BAD_START, BAD_END) with EIO, unless the file SRC.ok exists. It runs
+this module as its own process:
 
     python tests/helpers/faulty_fs.py SRC MOUNT BAD_START BAD_END
 
-Runs until unmounted (fusermount3 -u MOUNT) or killed. direct_io keeps the kernel from
+until unmounted (fusermount3 -u MOUNT) or killed. direct_io keeps the kernel from
 caching, so every read reaches this process.
+
+small_tmpfs(): a tmpfs of a few MiB (needs root), to run out of space.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pyfuse3
 import trio
+
+from vdisk.service.mounts import force_unmount, is_mounted
 
 INO = pyfuse3.ROOT_INODE + 1
 NAME = b"disk"
@@ -67,6 +78,37 @@ class FaultyFile(pyfuse3.Operations):
         if off < hi and lo < off + size and not os.path.exists(self.src + ".ok"):
             raise pyfuse3.FUSEError(errno.EIO)
         return os.pread(self.fd, size, off)
+
+
+@contextmanager
+def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
+    """A FUSE file with src's bytes whose reads fail with EIO in bad (see above)."""
+    from tests.helpers.polling import wait_until  # here: as a script, tests/ is not importable
+
+    mnt = tmp_path / "faulty"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, __file__, str(src), str(mnt), str(bad[0]),
+                             str(bad[1])], stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
+        yield mnt / "disk"
+    finally:
+        force_unmount(mnt)
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str = "8M") -> Iterator[Path]:
+    """A tmpfs of size mounted at path (created) for the block; unmounted after."""
+    from tests.helpers.commands import run  # (see faulty_file)
+
+    path.mkdir()
+    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        force_unmount(path)
 
 
 def main() -> None:

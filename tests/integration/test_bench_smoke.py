@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+from tests.helpers.leftovers import mounts_under
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("fio", "qemu-storage-daemon", "qemu-img")),
@@ -22,11 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
 
-
+@pytest.mark.slow
 def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
@@ -54,4 +52,4 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         assert doc["machine"][key]
     assert "vdisk/qsd" in res.stdout  # the table was printed
     assert not work.exists()  # scratch removed
-    assert _mounts_under(tmp_path) == []  # nothing left mounted
+    assert mounts_under(tmp_path) == []  # nothing left mounted

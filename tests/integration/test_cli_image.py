@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import VDISK, make_chain, qemu_img, qemu_info, qemu_io, run
+from tests.helpers.chains import expected_runs, make_chain, set_refcount, status_runs
+from tests.helpers.commands import guest_view, qemu_img, qemu_info, qemu_io, run, vdisk
 
 INFO_KEYS = (
     "filename", "format", "virtual-size", "actual-size", "cluster-size", "backing-filename",
@@ -19,9 +20,6 @@ INFO_KEYS = (
 )
 MiB = 1 << 20
 
-
-def vdisk(*args: str | Path, cwd: Path | None = None, check: bool = True):
-    return run(VDISK, *args, cwd=cwd, check=check)
 
 
 def pick(info: dict) -> dict:
@@ -41,6 +39,7 @@ def assert_one_line_error(res, *needles: str) -> None:
 # -- create ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("opts", "qopts"),
     [
@@ -64,6 +63,7 @@ def test_create_qcow2_like_qemu(tmp_path: Path, opts: list[str], qopts: list[str
     qemu_img("check", ours)
 
 
+@pytest.mark.slow
 def test_create_overlay_defaults_to_backing_size(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -90,6 +90,7 @@ def test_create_overlay_defaults_to_backing_size(tmp_path: Path) -> None:
     assert [i["format"] for i in chain] == ["qcow2", "qcow2", "raw"]
 
 
+@pytest.mark.slow
 def test_create_raw(tmp_path: Path) -> None:
     p = tmp_path / "r.raw"
     vdisk("create", p, "10M")
@@ -99,6 +100,7 @@ def test_create_raw(tmp_path: Path) -> None:
     assert os.path.getsize(p) == 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -135,6 +137,7 @@ def test_create_bad_input(tmp_path: Path, args: list[str], needles: list[str]) -
 # -- info --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_info_chain_equals_qemu(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     for name, cwd in ((str(imgs["top"]), None), ("top.qcow2", tmp_path), ("mid.qcow2", tmp_path)):
@@ -149,6 +152,7 @@ def test_info_chain_equals_qemu(tmp_path: Path) -> None:
             assert human == qemu_img("info", *extra, name, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
     d = tmp_path / "a" / "b"
     d.mkdir(parents=True)
@@ -163,6 +167,7 @@ def test_info_relative_dirs_and_raw(tmp_path: Path) -> None:
             "info", "--backing-chain", name, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
     dirty = tmp_path / "dirty.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", dirty, "1M")
@@ -188,6 +193,7 @@ def test_info_dirty_and_odd_backing_names(tmp_path: Path) -> None:
     assert qemu_info(dirty)["dirty-flag"] is True
 
 
+@pytest.mark.slow
 def test_info_bad_input(tmp_path: Path) -> None:
     res = vdisk("info", tmp_path / "missing", check=False)
     assert_one_line_error(res, "missing")
@@ -237,6 +243,7 @@ def _map_images(tmp: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.slow
 def test_map_json_equals_qemu(tmp_path: Path) -> None:
     for p in _map_images(tmp_path):
         ours = vdisk("map", "--output=json", p).stdout
@@ -255,6 +262,7 @@ def test_map_json_equals_qemu(tmp_path: Path) -> None:
                 "map", out, *args, cwd=tmp_path), args
 
 
+@pytest.mark.slow
 def test_map_human_equals_qemu(tmp_path: Path) -> None:
     for p in _map_images(tmp_path):
         theirs = run("qemu-img", "map", p.name, cwd=tmp_path, check=False)
@@ -269,24 +277,7 @@ def test_map_human_equals_qemu(tmp_path: Path) -> None:
 # -- check -------------------------------------------------------------------------------
 
 
-def _refcount_slot(path: Path, cluster: int) -> int:
-    """File offset of the 16-bit refcount of a host cluster (first refblock only)."""
-    head = path.read_bytes()[:104]
-    cs = 1 << struct.unpack_from(">I", head, 20)[0]
-    rt_off = struct.unpack_from(">Q", head, 48)[0]
-    with open(path, "rb") as f:
-        f.seek(rt_off)
-        rb = struct.unpack(">Q", f.read(8))[0]
-    assert cluster < cs // 2
-    return rb + 2 * cluster
-
-
-def _set_refcount(path: Path, cluster: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(_refcount_slot(path, cluster))
-        f.write(struct.pack(">H", value))
-
-
+@pytest.mark.slow
 def test_check_exit_codes_agree(tmp_path: Path) -> None:
     clean = tmp_path / "clean.qcow2"
     qemu_img("create", "-f", "qcow2", clean, "16M")
@@ -297,12 +288,12 @@ def test_check_exit_codes_agree(tmp_path: Path) -> None:
     end = -(-os.path.getsize(leak) // cs)
     with open(leak, "r+b") as f:
         f.truncate((end + 2) * cs)
-    _set_refcount(leak, end, 1)
-    _set_refcount(leak, end + 1, 1)
+    set_refcount(leak, end, 1)
+    set_refcount(leak, end + 1, 1)
     corrupt = tmp_path / "corrupt.qcow2"
     shutil.copy(clean, corrupt)
     l1 = struct.unpack_from(">Q", clean.read_bytes(), 40)[0]
-    _set_refcount(corrupt, l1 // cs, 0)  # the L1 table's cluster is in use
+    set_refcount(corrupt, l1 // cs, 0)  # the L1 table's cluster is in use
     for img, code in ((clean, 0), (leak, 3), (corrupt, 2)):
         theirs = run("qemu-img", "check", img, check=False)
         ours = vdisk("check", img, check=False)
@@ -323,6 +314,7 @@ def test_check_exit_codes_agree(tmp_path: Path) -> None:
     assert ours.stdout == theirs.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refcount_bits", [1, 4, 64])
 def test_check_output_equals_qemu(tmp_path: Path, refcount_bits: int) -> None:
     p = tmp_path / "r.qcow2"
@@ -336,6 +328,7 @@ def test_check_output_equals_qemu(tmp_path: Path, refcount_bits: int) -> None:
     assert ours["allocated-clusters"] > 20 and ours["fragmented-clusters"] > 0
 
 
+@pytest.mark.slow
 def test_check_raw_and_bad_input(tmp_path: Path) -> None:
     raw = tmp_path / "r.raw"
     qemu_img("create", "-f", "raw", raw, "1M")
@@ -352,10 +345,6 @@ def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None
     """Random writes, zeroes and discards in a 3-layer chain: map and contents as QEMU."""
     import random
 
-    from test_chain import _expected as expected_status
-    from test_chain import _walk as walk_status
-
-    from tests.helpers.chains import qemu_raw
     from vdisk.engine.chain import close_chain, iter_chain, open_chain
 
     rng = random.Random(seed)
@@ -387,12 +376,12 @@ def test_random_chains_map_and_read_like_qemu(tmp_path: Path, seed: int) -> None
         "map", "--output=json", top_path)
     top = open_chain(str(top_path), read_only=True)
     try:
-        assert top.read(0, top.virtual_size) == qemu_raw(top_path, tmp_path)
+        assert top.read(0, top.virtual_size) == guest_view(top_path, tmp_path)
         # after the reads: ext4 reports cached pages of unwritten extents as data
         entries = json.loads(qemu_img("map", "--output=json", top_path))
         layers = list(iter_chain(top))
         sizes = [i.virtual_size for i in layers]
-        assert walk_status(top) == expected_status(entries, sizes, None)
-        assert walk_status(top, layers[1]) == expected_status(entries, sizes, 1)
+        assert status_runs(top) == expected_runs(entries, sizes, None)
+        assert status_runs(top, layers[1]) == expected_runs(entries, sizes, 1)
     finally:
         close_chain(top)

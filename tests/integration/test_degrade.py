@@ -4,58 +4,21 @@ file, and a header rewrite on a full file system. Oracles: qemu-img info/check/m
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import struct
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import force_unmount, serving
-from tests.helpers.qmp import faulty_file
+from tests.helpers.commands import guest_view, qemu_check, qemu_info, qemu_map, run
+from tests.helpers.daemon import serving
+from tests.helpers.faulty_fs import faulty_file, small_tmpfs
 from vdisk.engine.chain import close_chain, open_chain
 from vdisk.engine.qcow2 import open_qcow2
 
-HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 COPIED = 1 << 63
 MASK = 0x00FF_FFFF_FFFF_FE00
-
-
-def run(*cmd: object, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd}: {res.returncode} {res.stderr}{res.stdout}")
-    return res
-
-
-def qemu_info(p: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(run("qemu-img", "info", "-U", "--output=json", p).stdout)
-
-
-def qemu_check(p: Path) -> tuple[int, str]:
-    res = run("qemu-img", "check", "-U", p, check=False)
-    return res.returncode, res.stdout + res.stderr
-
-
-def qemu_map(p: Path) -> list[dict]:  # type: ignore[type-arg]
-    return json.loads(run("qemu-img", "map", "-U", "--output=json", p).stdout)
-
-
-def guest_view(p: Path, tmp: Path) -> bytes:
-    out = tmp / f"view-{p.name}.raw"
-    run("qemu-img", "convert", "-U", "-O", "raw", p, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
-def sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
 
 
 def u64(p: Path, off: int) -> int:
@@ -137,7 +100,7 @@ def test_write_onto_metadata_sets_corrupt_bit(tmp_path: Path, target: str, how: 
             assert ei.value.errno == errno.EIO
         assert img.read(0, CS) == b"\x07" * CS  # reads keep working
         assert img.read(4 * MiB, 8192) == b"\x08" * 8192
-    assert qemu_info(p)["format-specific"]["data"]["corrupt"] is True
+    assert qemu_info(p, "-U")["format-specific"]["data"]["corrupt"] is True
     after = {k: region(p, v, CS) for k, v in where.items()}
     for k in where:  # with a snapshot, the shared L2 table was copied (L1, refcounts)
         if k == "refblock":  # refcounts of new clusters past the old end may change
@@ -167,7 +130,7 @@ def test_other_corruptions_set_corrupt_bit(tmp_path: Path) -> None:
         assert img.read(4 * MiB, 512) == b"\x08" * 512
         with pytest.raises(OSError):
             img.write(4 * MiB, b"z")
-    assert qemu_info(p)["format-specific"]["data"]["corrupt"] is True
+    assert qemu_info(p, "-U")["format-specific"]["data"]["corrupt"] is True
 
     # no refcount block for the first clusters: one would be created over the header
     p, where = _victim(tmp_path, name="victim3")
@@ -176,7 +139,7 @@ def test_other_corruptions_set_corrupt_bit(tmp_path: Path) -> None:
         with pytest.raises(OSError) as ei:
             img.write(6 * MiB, b"n" * CS)
         assert ei.value.errno == errno.EIO and "overlaps with header" in str(ei.value)
-    assert qemu_info(p)["format-specific"]["data"]["corrupt"] is True
+    assert qemu_info(p, "-U")["format-specific"]["data"]["corrupt"] is True
 
     p, where = _victim(tmp_path, name="victim2")
     # refcount of data cluster (guest 0) set to 0: freeing it is a refcount underflow
@@ -190,7 +153,7 @@ def test_other_corruptions_set_corrupt_bit(tmp_path: Path) -> None:
             img.flush()
         assert ei.value.errno == errno.EIO and "refcount" in str(ei.value)
         assert img.corrupt
-    assert qemu_info(p)["format-specific"]["data"]["corrupt"] is True
+    assert qemu_info(p, "-U")["format-specific"]["data"]["corrupt"] is True
 
 
 def test_v2_corruption_is_in_memory(tmp_path: Path) -> None:
@@ -227,21 +190,11 @@ def test_corrupt_through_fuse(tmp_path: Path) -> None:
             os.close(fd)
         assert srv.stop() == 0, srv.stderr
     assert "corrupt" in srv.stderr
-    assert qemu_info(p)["format-specific"]["data"]["corrupt"] is True
+    assert qemu_info(p, "-U")["format-specific"]["data"]["corrupt"] is True
     assert region(p, where["L1"], CS) == l1_before
 
 
 # -- ENOSPC -------------------------------------------------------------------------------
-
-@contextmanager
-def small_tmpfs(path: Path, size: str = "8M") -> Iterator[Path]:
-    path.mkdir()
-    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
-    try:
-        yield path
-    finally:
-        force_unmount(path)
-
 
 def fill(dirpath: Path) -> Path:
     """Fill the file system with one file until ENOSPC."""
@@ -266,6 +219,8 @@ def fill(dirpath: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_enospc_through_fuse(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "32M")
@@ -300,11 +255,12 @@ def test_enospc_through_fuse(tmp_path: Path) -> None:
                 os.close(fd)
             assert srv.stop() == 0, srv.stderr
         assert "copy-on-read failed" in srv.stderr and "No space" in srv.stderr
-        rc, out = qemu_check(top)
+        rc, out = qemu_check(top, "-U")
         assert rc == 0, out
         assert guest_view(top, tmp_path) == bytes(want)
 
 
+@pytest.mark.root
 def test_enospc_driver_leaves_no_leak(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "small") as small:
         top = small / "t.qcow2"
@@ -318,7 +274,7 @@ def test_enospc_driver_leaves_no_leak(tmp_path: Path) -> None:
                 assert ei.value.errno == errno.ENOSPC
             img.write(100, b"in place")
             assert img.read(0, 108) == b"\x05" * 100 + b"in place"
-        rc, out = qemu_check(top)
+        rc, out = qemu_check(top, "-U")
         assert rc == 0, out
 
 
@@ -341,6 +297,7 @@ def _with_big_extension(p: Path, nbytes: int) -> None:
         f.write(head[:pos + len(ext) + 8])
 
 
+@pytest.mark.root
 def test_set_backing_on_full_fs(tmp_path: Path) -> None:
     (tmp_path / "b.raw").write_bytes(bytes(MiB))
     long_name = str(tmp_path / ("d" * 200) / ".." / "b.raw")
@@ -370,9 +327,9 @@ def test_set_backing_on_full_fs(tmp_path: Path) -> None:
             assert img.read(0, 10) == b"\x06" * 10
         finally:
             img.close()
-        info = qemu_info(img_path)
+        info = qemu_info(img_path, "-U")
         assert info["backing-filename"] == long_name
-        rc, out = qemu_check(img_path)
+        rc, out = qemu_check(img_path, "-U")
         assert rc == 0, out
         assert os.path.getsize(img_path) == len(before)
 
@@ -383,10 +340,11 @@ def test_set_backing_on_full_fs(tmp_path: Path) -> None:
 
 def allocated(p: Path) -> set[int]:
     """64 KiB clusters the top itself holds, per qemu-img map."""
-    return {o for m in qemu_map(p) if m["depth"] == 0 and m["data"]
+    return {o for m in qemu_map(p, "-U") if m["depth"] == 0 and m["data"]
             for o in range(m["start"], m["start"] + m["length"], 65536)}
 
 
+@pytest.mark.slow
 def test_backing_eio(tmp_path: Path) -> None:
     src = tmp_path / "base.raw"
     base = os.urandom(8 * MiB)
@@ -415,7 +373,7 @@ def test_backing_eio(tmp_path: Path) -> None:
             assert img.read(3 * MiB, 65536) == b"W" * 65536
         finally:
             close_chain(img)
-        rc, out = qemu_check(top)
+        rc, out = qemu_check(top, "-U")
         assert rc == 0, out
         assert allocated(top) == {0, 3 * MiB}
 
@@ -435,7 +393,7 @@ def test_backing_eio(tmp_path: Path) -> None:
                     assert e.errno == errno.EIO
                 assert os.pread(f.fileno(), MiB, 6 * MiB) == base[6 * MiB:7 * MiB]
             assert srv.stop() == 0, srv.stderr
-        rc, out = qemu_check(top2)
+        rc, out = qemu_check(top2, "-U")
         assert rc == 0, out
         covered = allocated(top2)
         assert MiB in covered and 6 * MiB in covered  # copied up

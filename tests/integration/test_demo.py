@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from vdisk.cli import _demo as demo_mod
 from vdisk.errors import VdiskError
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60
 LOSETUP = demo_mod.find_tool("losetup") or "losetup"  # before any test changes PATH
 
@@ -72,6 +72,7 @@ def _loop_possible() -> bool:
     return demo_mod.loop_unavailable() is None
 
 
+@pytest.mark.slow
 def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     proc = _demo(tmp_path)
     try:
@@ -96,6 +97,7 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_demo_sigint_midway_cleans_up(tmp_path: Path) -> None:
     proc = _demo(tmp_path)
     lines = []
@@ -119,6 +121,7 @@ def test_demo_sigint_midway_cleans_up(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_demo_without_loop_reads_the_raw_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +155,7 @@ def test_demo_reports_a_failed_start_in_one_line(
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_scripts_run_passes_arguments_and_exit_status(tmp_path: Path) -> None:
     """scripts/run sets up (idempotent), then runs vdisk with the arguments, from any folder."""
     run = ROOT / "scripts" / "run"

@@ -3,25 +3,16 @@ query-block-jobs, events to every client, several drives, daemon stop, `vdisk jo
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.helpers.daemon import ROOT, serving
-from tests.helpers.qmp import (
-    MiB,
-    check_clean,
-    create,
-    info,
-    pipelined,
-    qemu_io,
-    qmp_session,
-    run,
-    sha,
-    to_raw,
-    wait_until,
-)
+import pytest
+
+from tests.helpers.chains import MiB, create, sha
+from tests.helpers.commands import check_clean, qemu_info, qemu_io, run, to_raw, vdisk
+from tests.helpers.daemon import serving
+from tests.helpers.polling import wait_until
+from tests.helpers.qmp import pipelined, qmp_session
 
 JOB_KEYS = {"type", "device", "len", "offset", "speed", "busy", "paused", "ready", "status",
             "io-status"}
@@ -38,6 +29,7 @@ def spec(top: Path, drive_id: str = "d0", extra: str = "") -> str:
     return f"id={drive_id},file={top},copy-on-read=off{extra}"
 
 
+@pytest.mark.slow
 def test_speed_limit_and_set_speed(tmp_path: Path) -> None:
     a = chain(tmp_path, "a", data_mib=8)
     b = chain(tmp_path, "b", data_mib=16)
@@ -63,10 +55,11 @@ def test_speed_limit_and_set_speed(tmp_path: Path) -> None:
         assert ev["data"]["speed"] == 0 and ev["data"]["offset"] == ev["data"]["len"]
         assert srv.stop() == 0, srv.stderr
     for top in (a, b):
-        assert "backing-filename" not in info(top)
+        assert "backing-filename" not in qemu_info(top, "-U")
         check_clean(top)
 
 
+@pytest.mark.slow
 def test_cancel_then_stream_again(tmp_path: Path) -> None:
     top = chain(tmp_path)
     want = sha(to_raw(top, tmp_path / "orig.raw"))
@@ -89,11 +82,12 @@ def test_cancel_then_stream_again(tmp_path: Path) -> None:
         assert "error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"]
         assert sha(srv.path("d0")) == want
         assert srv.stop() == 0, srv.stderr
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in qemu_info(top, "-U")
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, tmp_path / "orig.raw")
 
 
+@pytest.mark.slow
 def test_pause_resume_and_query_fields(tmp_path: Path) -> None:
     top = chain(tmp_path)
     with serving(tmp_path, spec(top)) as srv, qmp_session(srv.qmp_path) as q:
@@ -127,7 +121,7 @@ def test_pause_resume_and_query_fields(tmp_path: Path) -> None:
         assert ev["data"]["offset"] < ev["data"]["len"]
         assert q.jobs() == []
         assert srv.stop() == 0, srv.stderr
-    assert info(top)["backing-filename"] == "base.qcow2"
+    assert qemu_info(top, "-U")["backing-filename"] == "base.qcow2"
     check_clean(top)
 
 
@@ -186,6 +180,7 @@ def test_error_classes_and_commands(tmp_path: Path) -> None:
         assert srv.stop() == 0, srv.stderr
 
 
+@pytest.mark.slow
 def test_events_to_every_client_and_parallel_drives(tmp_path: Path) -> None:
     a = chain(tmp_path, "a", data_mib=4, size_mib=8)
     b = chain(tmp_path, "b", data_mib=4, size_mib=8)
@@ -203,7 +198,7 @@ def test_events_to_every_client_and_parallel_drives(tmp_path: Path) -> None:
             assert q3.jobs() == []
         assert srv.stop() == 0, srv.stderr
     for top in (a, b):
-        assert "backing-filename" not in info(top)
+        assert "backing-filename" not in qemu_info(top, "-U")
         check_clean(top)
 
 
@@ -216,27 +211,24 @@ def test_daemon_stop_cancels_jobs(tmp_path: Path) -> None:
         ev = q.wait_event("BLOCK_JOB_CANCELLED", timeout=20)
         assert ev["data"]["offset"] < ev["data"]["len"]
         assert srv.wait() == 0, srv.stderr
-    assert info(top)["backing-filename"] == "base.qcow2"
+    assert qemu_info(top, "-U")["backing-filename"] == "base.qcow2"
     check_clean(top)
 
 
-def vdisk(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vdisk", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
-
+@pytest.mark.slow
 def test_cli_jobs(tmp_path: Path) -> None:
     top = chain(tmp_path, data_mib=8)
     with serving(tmp_path, spec(top)) as srv, qmp_session(srv.qmp_path) as q:
-        out = vdisk("jobs", srv.qmp_path)
+        out = vdisk("jobs", srv.qmp_path, check=False)
         assert out.returncode == 0 and "no active block jobs" in out.stdout
         q.ok("block-stream", device="d0", speed=2 * MiB)
-        out = vdisk("jobs", srv.qmp_path)
+        out = vdisk("jobs", srv.qmp_path, check=False)
         assert out.returncode == 0 and out.stdout.startswith("d0: stream "), out.stdout
-        out = vdisk("jobs", srv.qmp_path, "--watch")
+        out = vdisk("jobs", srv.qmp_path, "--watch", check=False)
         assert out.returncode == 0, out.stderr
         assert "%" in out.stdout and "\x1b" not in out.stdout
         assert "d0: completed" in out.stdout
         assert q.jobs() == []
-    out = vdisk("jobs", tmp_path / "nope.sock")
+    out = vdisk("jobs", tmp_path / "nope.sock", check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr and "nope.sock" in out.stderr

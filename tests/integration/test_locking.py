@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import VDISK, QemuHolder, locked_bytes, make_chain, qemu_img, run
+from tests.helpers.chains import make_chain
+from tests.helpers.commands import qemu_img, run, vdisk
+from tests.helpers.locks import QemuHolder, locked_bytes
 from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import LockError
 
@@ -43,10 +45,10 @@ def test_qemu_writer_locks_out_vdisk_raw(tmp_path: Path) -> None:
             with pytest.raises(LockError, match="in use") as e:
                 open_chain(str(raw), read_only=ro)
             assert str(raw) in str(e.value)
-        res = run(VDISK, "info", raw, check=False)
+        res = vdisk("info", raw, check=False)
         assert res.returncode == 1 and "in use" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
-        assert run(VDISK, "info", "-U", raw).returncode == 0
+        assert vdisk("info", "-U", raw).returncode == 0
         top = open_chain(str(raw), read_only=True, force_share=True)
         close_chain(top)
         with pytest.raises(Exception, match="read-only"):
@@ -55,6 +57,7 @@ def test_qemu_writer_locks_out_vdisk_raw(tmp_path: Path) -> None:
     close_chain(top)
 
 
+@pytest.mark.slow
 def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     top = open_chain(str(imgs["top"]), read_only=False)
@@ -71,11 +74,11 @@ def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
         assert not qemu_ok("qemu-io", "-c", "write 0 512", m)
         assert qemu_ok("qemu-io", "-r", "-f", "raw", "-c", "read 0 512", b)
         assert not qemu_ok("qemu-io", "-f", "raw", "-c", "write 0 512", b)
-        res = run(VDISK, "info", t, check=False)
+        res = vdisk("info", t, check=False)
         assert res.returncode == 1 and "in use" in res.stderr
         assert "Traceback" not in res.stderr
-        assert run(VDISK, "info", "-U", "--backing-chain", t).returncode == 0
-        assert run(VDISK, "map", "-U", t).returncode == 0
+        assert vdisk("info", "-U", "--backing-chain", t).returncode == 0
+        assert vdisk("map", "-U", t).returncode == 0
     finally:
         close_chain(top)
     for p in imgs.values():
@@ -83,6 +86,7 @@ def test_vdisk_writer_locks_qcow2_chain(tmp_path: Path) -> None:
     assert qemu_ok("qemu-io", "-c", "write 0 512", imgs["mid"])
 
 
+@pytest.mark.slow
 def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
     imgs = make_chain(tmp_path)
     with QemuHolder(imgs["top"], "qcow2"):
@@ -94,14 +98,14 @@ def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
             open_chain(str(imgs["mid"]), read_only=False)
         mid = open_chain(str(imgs["mid"]), read_only=True)
         close_chain(mid)
-        res = run(VDISK, "info", imgs["top"], check=False)
+        res = vdisk("info", imgs["top"], check=False)
         assert res.returncode == 1 and "in use" in res.stderr
-        res = run(VDISK, "info", "-U", "--output=json", imgs["top"])
+        res = vdisk("info", "-U", "--output=json", imgs["top"])
         assert '"format": "qcow2"' in res.stdout
         # like qemu-img create, an overlay may be made over an image in use
-        run(VDISK, "create", "-f", "qcow2", "-b", imgs["top"], tmp_path / "new.qcow2")
-        assert run(VDISK, "check", "-U", imgs["top"]).returncode == 0
-        res = run(VDISK, "check", imgs["top"], check=False)
+        vdisk("create", "-f", "qcow2", "-b", imgs["top"], tmp_path / "new.qcow2")
+        assert vdisk("check", "-U", imgs["top"]).returncode == 0
+        res = vdisk("check", imgs["top"], check=False)
         assert res.returncode == 1 and "in use" in res.stderr
     qemu_img("check", tmp_path / "new.qcow2")
     top = open_chain(str(imgs["top"]), read_only=False)
@@ -114,12 +118,13 @@ def test_create_refuses_image_in_use(tmp_path: Path, fmt: str) -> None:
     qemu_img("create", "-f", fmt, p, "1M")
     before = p.read_bytes()
     with QemuHolder(p, fmt):
-        res = run(VDISK, "create", "-f", fmt, p, "2M", check=False)
+        res = vdisk("create", "-f", fmt, p, "2M", check=False)
         assert res.returncode == 1 and "in use" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
     assert p.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_storage_daemon_export_locks_out_vdisk(tmp_path: Path) -> None:
     """A writable NBD export in qemu-storage-daemon: vdisk can neither write nor read the top."""
     import subprocess
@@ -142,10 +147,10 @@ def test_storage_daemon_export_locks_out_vdisk(tmp_path: Path) -> None:
         for ro in (False, True):
             with pytest.raises(LockError, match="in use"):
                 open_chain(str(top), read_only=ro)
-        res = run(VDISK, "map", top, check=False)
+        res = vdisk("map", top, check=False)
         assert res.returncode == 1 and "in use" in res.stderr
-        assert run(VDISK, "map", "-U", "--output=json", top).returncode == 0
-        assert run(VDISK, "check", "-U", top).returncode == 0
+        assert vdisk("map", "-U", "--output=json", top).returncode == 0
+        assert vdisk("check", "-U", top).returncode == 0
     finally:
         proc.terminate()
         proc.communicate(timeout=10)

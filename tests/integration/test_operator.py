@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import locked_bytes, qemu_img, qemu_io
-from tests.helpers.daemon import ROOT, force_unmount, is_mounted, vdisk_cmd
+from tests.helpers import ROOT
+from tests.helpers.commands import qemu_img, qemu_io, vdisk, vdisk_cmd
+from tests.helpers.daemon import force_unmount, is_mounted, wait_gone
+from tests.helpers.locks import locked_bytes
+from tests.helpers.qmp import qmp_command
 from vdisk.service.logsetup import JournalHandler, setup_logging
 from vdisk.service.pidfile import process_alive
 
@@ -29,8 +32,7 @@ MiB = 1 << 20
 
 
 def _vdisk(*args: str | os.PathLike[str], timeout: float = 40) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(vdisk_cmd(*map(str, args)), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return vdisk(*args, check=False, timeout=timeout)
 
 
 def _chain(tmp_path: Path) -> Path:
@@ -41,24 +43,6 @@ def _chain(tmp_path: Path) -> Path:
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, cwd=tmp_path)
     qemu_io(top, "write -P 0x77 1M 1M")
     return top
-
-
-def _qmp(sock: Path, command: str, **args: object) -> object:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    client = QEMUMonitorProtocol(str(sock))
-    client.connect()
-    try:
-        return client.cmd(command, **args)
-    finally:
-        client.close()
-
-
-def _wait_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still running"
-        time.sleep(0.05)
 
 
 class Daemons:
@@ -84,7 +68,7 @@ class Daemons:
                 except ProcessLookupError:
                     break
                 try:
-                    _wait_gone(pid, 20)
+                    wait_gone(pid, 20)
                     break
                 except AssertionError:
                     continue
@@ -119,11 +103,11 @@ def test_daemonize_serves_logs_and_stops_on_sigterm(tmp_path: Path, daemons: Dae
     assert process_alive(pid) and is_mounted(mnt) and locked_bytes(top)
     assert os.readlink(f"/proc/{pid}/cwd") == "/"  # detached
     assert os.getsid(pid) != os.getsid(0)
-    blocks = _qmp(sock, "query-block")
+    blocks = qmp_command(sock, "query-block")
     assert isinstance(blocks, list) and blocks[0]["device"] == "d0"
     qemu_img("compare", "-U", "-f", "raw", "-F", "qcow2", mnt / "d0", top)
     # a job, logged at start and end with its figures
-    assert _qmp(sock, "block-stream", device="d0") == {}
+    assert qmp_command(sock, "block-stream", device="d0") == {}
     deadline = time.monotonic() + 20
     while "job d0: completed" not in logfile.read_text():
         assert time.monotonic() < deadline, logfile.read_text()
@@ -136,7 +120,7 @@ def test_daemonize_serves_logs_and_stops_on_sigterm(tmp_path: Path, daemons: Dae
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(pid, signal.SIGTERM)
-    _wait_gone(pid)
+    wait_gone(pid)
     assert not is_mounted(mnt) and not pidfile.exists() and not sock.exists()
     assert locked_bytes(top) == []
     qemu_img("check", top)
@@ -154,6 +138,7 @@ def test_daemonize_serves_logs_and_stops_on_sigterm(tmp_path: Path, daemons: Dae
     assert "Traceback" not in old + new
 
 
+@pytest.mark.slow
 def test_daemonize_startup_errors(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     mnt, sock, pidfile, logfile = _paths(tmp_path)
@@ -177,10 +162,11 @@ def test_daemonize_startup_errors(tmp_path: Path, daemons: Daemons) -> None:
     res = _vdisk("serve", "--daemonize", "--ready-timeout", "0.001", "--pidfile", pidfile,
                  "--mount", mnt, "--qmp", sock, "--drive", f"id=d0,file={top}")
     assert res.returncode == 1 and "was not ready after" in res.stderr, res.stderr
-    _wait_gone(int(res.stderr.split("(pid ")[1].split(")")[0]))
+    wait_gone(int(res.stderr.split("(pid ")[1].split(")")[0]))
     assert not is_mounted(mnt) and locked_bytes(top) == [] and not pidfile.exists()
 
 
+@pytest.mark.slow
 def test_pidfile_live_refuses_stale_replaced(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     mnt, sock, pidfile, logfile = _paths(tmp_path)
@@ -197,8 +183,8 @@ def test_pidfile_live_refuses_stale_replaced(tmp_path: Path, daemons: Daemons) -
     assert res.returncode == 1 and len(lines) == 1, res.stderr
     assert "already running" in lines[0] and str(pid) in lines[0] and str(pidfile) in lines[0]
     assert int(pidfile.read_text()) == pid and not is_mounted(mnt2)
-    assert _qmp(sock, "quit") == {}
-    _wait_gone(pid)
+    assert qmp_command(sock, "quit") == {}
+    wait_gone(pid)
     assert not pidfile.exists() and not is_mounted(mnt)
     # stale: a pid that is gone, then a live process that is not vdisk
     gone = subprocess.Popen(["true"])
@@ -214,7 +200,7 @@ def test_pidfile_live_refuses_stale_replaced(tmp_path: Path, daemons: Daemons) -
             assert f"replaced a stale pid file (pid {stale} is not a running vdisk)" in \
                 logfile.read_text()
             os.kill(new, signal.SIGTERM)
-            _wait_gone(new)
+            wait_gone(new)
             assert not pidfile.exists() and not is_mounted(mnt)
     finally:
         other.kill()
@@ -241,6 +227,7 @@ read-only = true
 """
 
 
+@pytest.mark.slow
 def test_config_file_serves_its_drives(tmp_path: Path, daemons: Daemons) -> None:
     top = _chain(tmp_path)
     raw = tmp_path / "extra.raw"
@@ -255,7 +242,7 @@ def test_config_file_serves_its_drives(tmp_path: Path, daemons: Daemons) -> None
                  "--drive", f"id=extra,file={raw},format=raw")
     assert res.returncode == 0, res.stderr
     pid = int(pidfile.read_text())
-    blocks = _qmp(tmp_path / "cfg.sock", "query-block")
+    blocks = qmp_command(tmp_path / "cfg.sock", "query-block")
     assert isinstance(blocks, list)
     by_id = {b["device"]: b for b in blocks}
     assert set(by_id) == {"top", "base", "extra"}
@@ -267,7 +254,7 @@ def test_config_file_serves_its_drives(tmp_path: Path, daemons: Daemons) -> None
     log = (tmp_path / "cfg.log").read_text()
     assert "DEBUG" in log and "copy-on-read off" in log, log  # log-level from the file
     os.kill(pid, signal.SIGTERM)
-    _wait_gone(pid)
+    wait_gone(pid)
     assert not is_mounted(mnt) and not pidfile.exists()
     log = (tmp_path / "cfg.log").read_text()
     # the command line overrides the file: mount and log file elsewhere, in the foreground

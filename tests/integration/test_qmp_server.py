@@ -9,7 +9,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,9 @@ from control.errors import QMPError
 from control.events import EventBus
 from control.registry import Context, Registry
 from control.server import ServerConfig, serve_qmp
+from tests.helpers.commands import qemu_img, qemu_info, qemu_io, vdisk
 from vdisk.cli.qmp import parse_arguments
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import VdiskError
 
 # --- fixtures and helpers -------------------------------------------------------------
@@ -496,65 +497,16 @@ async def test_other_uid_is_refused(sockdir: str, caplog: pytest.LogCaptureFixtu
 # --- qemu.qmp clients and the CLI, with real images ------------------------------------
 
 
-def run(cmd: list[str]) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
 def images(sockdir: str) -> dict[str, str]:
     d = sockdir
     base, mid, top = (os.path.join(d, n) for n in ("base.raw", "mid.qcow2", "top.qcow2"))
-    run(["qemu-img", "create", "-q", "-f", "raw", base, "4M"])
-    run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", base])
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid])
-    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 64k 64k", mid])
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "8M"])
+    qemu_img("create", "-q", "-f", "raw", base, "4M")
+    qemu_io(base, "write -P 0x11 0 64k", fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
+    qemu_io(mid, "write -P 0x22 64k 64k", fmt="qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "8M")
     return {"base": base, "mid": mid, "top": top}
-
-
-class _InfoImage:
-    """Stand-in layer for when vdisk.engine.chain cannot open images yet: info() from qemu-img."""
-
-    def __init__(self, info: dict[str, Any], backing: _InfoImage | None) -> None:
-        self._info = info
-        self.path = info["filename"]
-        self.format_name = info["format"]
-        self.backing = backing
-        self.backing_name = info.get("backing-filename")
-
-    def info(self) -> dict[str, Any]:
-        return dict(self._info)
-
-    def close(self) -> None:
-        pass
-
-
-def _chain_opener() -> Any:
-    """vdisk.engine.chain.open_chain when the qcow2 driver is in the tree, else None."""
-    try:
-        import vdisk.engine.qcow2
-        from vdisk.engine.chain import open_chain
-    except ImportError:
-        return None
-    return open_chain if hasattr(vdisk.engine.qcow2, "open_qcow2") else None
-
-
-def open_top(path: str) -> Any:
-    open_chain = _chain_opener()
-    if open_chain is not None:
-        return open_chain(path, read_only=True)
-    print("vdisk.engine.chain cannot open qcow2 yet: using qemu-img info stand-ins")
-    layers = json.loads(run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path]))
-    img = None
-    for info in reversed(layers):
-        img = _InfoImage(info, img)
-    return img
-
-
-def close_top(top: Any) -> None:
-    while top is not None:
-        top.close()
-        top = top.backing
 
 
 class ThreadServer:
@@ -617,8 +569,8 @@ def check_image_chain(image: dict[str, Any], oracle: list[dict[str, Any]]) -> No
 def test_qemu_qmp_legacy_client(sockdir: str, images: dict[str, str]) -> None:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    top = open_top(images["top"])
-    base = open_top(images["base"])
+    top = open_chain(images["top"], read_only=True)
+    base = open_chain(images["base"], read_only=True)
     try:
         backend = FakeBackend({"drive0": FakeDrive("drive0", top, False),
                                "drive1": FakeDrive("drive1", base, True)})
@@ -642,15 +594,13 @@ def test_qemu_qmp_legacy_client(sockdir: str, images: dict[str, str]) -> None:
                 assert ins["ro"] is False
                 assert ins["backing_file"] == "mid.qcow2"
                 assert ins["backing_file_depth"] == 2
-                oracle = json.loads(run(["qemu-img", "info", "-U", "--backing-chain",
-                                         "--output=json", images["top"]]))
+                oracle = qemu_info(images["top"], "-U", "--backing-chain")
                 check_image_chain(ins["image"], oracle)
                 ins1 = b1["inserted"]
                 assert ins1["file"] == images["base"] and ins1["drv"] == "raw"
                 assert ins1["ro"] is True and ins1["backing_file_depth"] == 0
                 assert "backing_file" not in ins1
-                oracle = json.loads(run(["qemu-img", "info", "-U", "--output=json",
-                                         images["base"]]))
+                oracle = qemu_info(images["base"], "-U")
                 check_image_chain(ins1["image"], [oracle])
                 reply = qmp.cmd_obj({"execute": "query-block", "arguments": {"x": 1}})
                 assert reply["error"]["desc"] == "Parameter 'x' is unexpected"
@@ -659,8 +609,8 @@ def test_qemu_qmp_legacy_client(sockdir: str, images: dict[str, str]) -> None:
                 qmp.close()
         assert backend.quit_requests == 1
     finally:
-        close_top(top)
-        close_top(base)
+        close_chain(top)
+        close_chain(base)
 
 
 def test_qemu_qmp_async_clients_get_events(sockdir: str) -> None:
@@ -699,12 +649,6 @@ def test_qemu_qmp_async_clients_get_events(sockdir: str) -> None:
 # --- the CLI --------------------------------------------------------------------------
 
 
-def vdisk_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vdisk", *args], capture_output=True, text=True, timeout=30
-    )
-
-
 def test_parse_arguments() -> None:
     assert parse_arguments(["a=5", "b=drive0", "c=true", "d=[1,\"x\"]", "e=", "f=a=b"]) == {
         "a": 5, "b": "drive0", "c": True, "d": [1, "x"], "e": "", "f": "a=b",
@@ -715,6 +659,7 @@ def test_parse_arguments() -> None:
         parse_arguments(["a=1", "a=2"])
 
 
+@pytest.mark.slow
 def test_cli(sockdir: str) -> None:
     registry = make_registry()
 
@@ -734,25 +679,27 @@ def test_cli(sockdir: str) -> None:
     registry.add("x-emit", {"k": "int"}, emit)
     path = sock_path(sockdir)
     with ThreadServer(path, FakeBackend(), registry):
-        out = vdisk_cli("qmp", path, "query-version")
+        out = vdisk("qmp", path, "query-version", check=False, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == version_info()
-        out = vdisk_cli("qmp", "--compact", path, "x-echo", "a=5", "b=drive0")
+        out = vdisk("qmp", "--compact", path, "x-echo", "a=5", "b=drive0", check=False, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"a": 5, "b": "drive0"}
-        out = vdisk_cli("qmp", "--compact", "--wait-event", "X_DONE", path, "x-emit", "k=7")
+        out = vdisk("qmp", "--compact", "--wait-event", "X_DONE", path, "x-emit", "k=7",
+                    check=False, timeout=30)
         assert out.returncode == 0, out.stderr
         ret, event = (json.loads(line) for line in out.stdout.splitlines())
         assert ret == {} and event["event"] == "X_DONE" and event["data"] == {"k": 7}
-        out = vdisk_cli("qmp", "--wait-event", "NEVER", "--timeout", "0.5", path, "x-emit", "k=1")
+        out = vdisk("qmp", "--wait-event", "NEVER", "--timeout", "0.5", path, "x-emit", "k=1",
+                    check=False, timeout=30)
         assert out.returncode == 1
         assert out.stderr == f"vdisk: {path}: timed out waiting for event NEVER\n"
-        out = vdisk_cli("qmp", path, "x-fail")
+        out = vdisk("qmp", path, "x-fail", check=False, timeout=30)
         assert out.returncode == 1
         assert out.stderr == "vdisk: DeviceNotFound: Device 'x' not found\n"
-        out = vdisk_cli("qmp", path, "query-version", "speed=1")
+        out = vdisk("qmp", path, "query-version", "speed=1", check=False, timeout=30)
         assert out.returncode == 1
         assert out.stderr == "vdisk: GenericError: Parameter 'speed' is unexpected\n"
-    out = vdisk_cli("qmp", path, "query-version")
+    out = vdisk("qmp", path, "query-version", check=False, timeout=30)
     assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert out.stderr.startswith(f"vdisk: {path}: ")

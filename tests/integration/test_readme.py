@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+from tests.helpers.daemon import force_unmount, is_mounted, wait_gone
+from tests.helpers.leftovers import loops_under, mounts_under
+
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)
 TIMEOUT = 35
@@ -48,18 +51,6 @@ def _procs_in(folder: Path) -> list[int]:
     return found
 
 
-def _mounts_in(folder: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p.startswith(f"{folder}/")]
-
-
-def _loops_in(folder: Path) -> list[str]:
-    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                         capture_output=True, text=True, check=False)
-    return [line.split()[0] for line in res.stdout.splitlines() if str(folder) in line]
-
-
 def _daemons_in(folder: Path) -> list[int]:
     """Live processes named by pid files in folder (the daemonized vdisk serve)."""
     from vdisk.service.pidfile import process_alive, read_pid
@@ -70,10 +61,10 @@ def _daemons_in(folder: Path) -> list[int]:
 
 def _cleanup(folder: Path) -> None:
     """Whatever a failed run left: mounts (innermost first), loop devices, the daemon."""
-    for point in sorted(_mounts_in(folder), key=len, reverse=True):
+    for point in sorted(mounts_under(folder), key=len, reverse=True):
         if point.endswith("/fs"):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    for loop in _loops_in(folder):
+    for loop in loops_under(folder):
         subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
     for pid in _procs_in(folder) + _daemons_in(folder):
         try:
@@ -83,7 +74,7 @@ def _cleanup(folder: Path) -> None:
     deadline = time.monotonic() + 20
     while (_procs_in(folder) or _daemons_in(folder)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for point in _mounts_in(folder):
+    for point in mounts_under(folder):
         subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
 
 
@@ -107,6 +98,8 @@ def test_readme_has_a_quick_start() -> None:
             assert anchor in slugs, link
 
 
+@pytest.mark.slow
+@pytest.mark.root
 @needs_root_and_loop
 def test_readme_quick_start_runs(tmp_path: Path) -> None:
     script = "set -euo pipefail\n" + "\n".join(blocks("sh"))
@@ -129,7 +122,7 @@ def test_readme_quick_start_runs(tmp_path: Path) -> None:
     assert out.count("No errors were found on the image.") == 2  # vdisk check, qemu-img check
     try:
         work = tmp_path / "vdisk-try"
-        assert not _mounts_in(tmp_path) and not _loops_in(tmp_path) and not _procs_in(tmp_path)
+        assert not mounts_under(tmp_path) and not loops_under(tmp_path) and not _procs_in(tmp_path)
         assert not (work / "vdisk.pid").exists()  # removed by the daemon as it stopped
         log = (work / "vdisk.log").read_text()
         for line in ("serving disk0", "job disk0: completed", "stopping: host-qmp-quit",
@@ -164,7 +157,8 @@ def test_qmp_doc_names_every_registered_command_and_argument() -> None:
         for param in command.params:
             assert f"`{param.name}`" in sections[name], f"{name}: argument {param.name}"
     assert set(sections) - set(registry.names()) == events  # nothing unregistered
-    sources = (ROOT / "control" / "jobs.py").read_text() + (ROOT / "vdisk" / "daemon.py").read_text()
+    emitters = ("vdisk/block/job.py", "vdisk/block/stream.py", "vdisk/service/daemon.py")
+    sources = "".join((ROOT / path).read_text() for path in emitters)
     for event in events:
         assert f'"{event}"' in sources, event
 
@@ -203,20 +197,10 @@ def _toml_from_unit_comment() -> str:
     return "".join(f"{m}\n" for m in re.findall(r"^#       (\S.*)$", text, flags=re.M))
 
 
-def _wait_gone(pid: int) -> None:
-    from vdisk.service.pidfile import process_alive
-
-    deadline = time.monotonic() + 30
-    while process_alive(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still running"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_systemd_unit_serves_stops_and_clears_a_crash(tmp_path: Path) -> None:
     """The unit's commands, run as systemd would (its documented paths swapped for tmp):
     Type=forking, so ExecStart returns once serving, and PIDFile= names the daemon."""
-    from tests.helpers.daemon import force_unmount, is_mounted
-
     toml = _toml_from_unit_comment()
     assert 'file = "/srv/images/vm1.qcow2"' in toml
     image = tmp_path / "vm1.qcow2"
@@ -243,7 +227,7 @@ def test_systemd_unit_serves_stops_and_clears_a_crash(tmp_path: Path) -> None:
             assert stat.S_ISSOCK((run_dir / "qmp.sock").stat().st_mode)
             assert (mnt / "vm1").stat().st_size == 8 << 20
             os.kill(pid, signal.SIGKILL if crash else signal.SIGTERM)
-            _wait_gone(pid)
+            wait_gone(pid)
             assert is_mounted(mnt) == crash  # a clean stop unmounts; a crash leaves it dead
             assert pidfile.exists() == crash  # a clean stop removes it
             subprocess.run(stop_post, env=env, check=True, timeout=20)

@@ -26,13 +26,15 @@ import trio
 from control.builtin import make_registry
 from control.events import EventBus
 from control.server import serve_qmp
-from tests.helpers.daemon import ROOT, is_mounted, run_serve, serving, vdisk_cmd
+from tests.helpers import ROOT
+from tests.helpers.commands import run, vdisk_cmd
+from tests.helpers.daemon import is_mounted, run_serve, serving
 from vdisk.errors import VdiskError
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to play other users")
+pytestmark = pytest.mark.root  # plays other users (uid 65534)
 
 
 class NoDrives:
@@ -64,10 +66,6 @@ def shared_dir() -> Iterator[Path]:
         if is_mounted(d / "mnt"):
             subprocess.run(["umount", "-l", str(d / "mnt")], check=False)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def qemu(*args: str | Path, cwd: Path | None = None) -> None:
-    subprocess.run([str(a) for a in args], check=True, capture_output=True, timeout=60, cwd=cwd)
 
 
 # --- the QMP socket's directory ------------------------------------------------------------
@@ -133,7 +131,7 @@ async def test_socket_in_a_private_directory_is_0600(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_public_socket_directory(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
-    qemu("qemu-img", "create", "-f", "raw", img, "1M")
+    run("qemu-img", "create", "-f", "raw", img, "1M")
     mnt = tmp_path / "mnt"
     sock = f"/tmp/vdisk-{uuid.uuid4().hex[:12]}.sock"
     try:
@@ -181,7 +179,7 @@ print(json.dumps({"connect": 0, "data": data.decode("latin-1")}))
 
 def test_daemon_refuses_other_uids(shared_dir: Path, tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
-    qemu("qemu-img", "create", "-f", "raw", img, "1M")
+    run("qemu-img", "create", "-f", "raw", img, "1M")
     sock = shared_dir / "q.sock"
     with serving(tmp_path, f"id=d0,file={img}", qmp_path=sock) as srv:
         # first line of defence: the socket file is 0600
@@ -225,8 +223,8 @@ def test_mount_is_private_unless_allow_other(
 ) -> None:
     rw, ro = tmp_path / "rw.raw", tmp_path / "ro.raw"
     for img in (rw, ro):
-        qemu("qemu-img", "create", "-f", "raw", img, "1M")
-        qemu("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 4k", img)
+        run("qemu-img", "create", "-f", "raw", img, "1M")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 4k", img)
     mnt = shared_dir / "mnt"
     extra = ("--allow-other",) if allow_other else ()
     with serving(tmp_path, f"id=rw,file={rw}", f"id=ro,file={ro},read-only=on",
@@ -250,7 +248,7 @@ def test_mount_is_private_unless_allow_other(
 
 @pytest.fixture
 def odd_files(tmp_path: Path) -> Path:
-    qemu("qemu-img", "create", "-f", "raw", tmp_path / "base.raw", "1M")
+    run("qemu-img", "create", "-f", "raw", tmp_path / "base.raw", "1M")
     os.mkfifo(tmp_path / "fifo")
     os.symlink("/dev/zero", tmp_path / "zero-link")
     (tmp_path / "dir").mkdir()
@@ -310,13 +308,14 @@ def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backing", "reason"), BAD_BACKING, ids=[b for b, _ in BAD_BACKING])
 def test_backing_that_is_not_a_plain_file_is_refused(
     odd_files: Path, backing: str, reason: str
 ) -> None:
     top = odd_files / "top.qcow2"
     backing = backing.replace("{dir}", str(odd_files))
-    qemu("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, "1M",
+    run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, "1M",
          cwd=odd_files)
     # one after the other: at once, one could find the image locked by the other
     [info] = vdisk_all(odd_files, ["info", "--backing-chain", str(top)])
@@ -330,6 +329,7 @@ def test_backing_that_is_not_a_plain_file_is_refused(
     no_leftovers(odd_files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "reason"), [
     ("/dev/zero", "a device"), ("fifo", "a FIFO"), ("dir", "a directory"),
     ("sock", "a socket"), ("zero-link", "a device"),
@@ -347,7 +347,7 @@ def test_image_that_is_not_a_plain_file_is_refused(
 
 def test_plain_backing_with_file_prefix_is_accepted(odd_files: Path) -> None:
     top = odd_files / "top.qcow2"
-    qemu("qemu-img", "create", "-f", "qcow2", "-u", "-b", "file:base.raw", "-F", "raw", top,
+    run("qemu-img", "create", "-f", "qcow2", "-u", "-b", "file:base.raw", "-F", "raw", top,
          "1M", cwd=odd_files)
     [res] = vdisk_all(odd_files, ["info", "--backing-chain", "--output=json", str(top)])
     assert res.returncode == 0, res.stderr

@@ -8,7 +8,10 @@ import mmap
 import os
 from pathlib import Path
 
-from tests.helpers.chains import make_chain, qemu_img, qemu_io, qemu_map, qemu_raw
+import pytest
+
+from tests.helpers.chains import make_chain
+from tests.helpers.commands import guest_view, qemu_img, qemu_io, qemu_map
 from tests.helpers.daemon import is_mounted, serving
 
 MiB = 1 << 20
@@ -56,9 +59,10 @@ def build_variants(tmp: Path) -> dict[str, Path]:
     return tops
 
 
+@pytest.mark.slow
 def test_chains_read_as_qemu_img_convert(tmp_path: Path) -> None:
     tops = build_variants(tmp_path)
-    expect = {name: qemu_raw(top, tmp_path) for name, top in tops.items()}
+    expect = {name: guest_view(top, tmp_path) for name, top in tops.items()}
     drives = [f"id={name},file={top}" for name, top in tops.items()]
     with serving(tmp_path, *drives) as srv:
         assert sorted(os.listdir(srv.mount)) == sorted(tops)
@@ -73,7 +77,7 @@ def test_chains_read_as_qemu_img_convert(tmp_path: Path) -> None:
         assert srv.stop() == 0
     for name, top in tops.items():
         qemu_img("check", top)
-        assert qemu_raw(top, tmp_path) == expect[name], name
+        assert guest_view(top, tmp_path) == expect[name], name
 
 
 def _direct_read(path: Path, offset: int, length: int) -> bytes:
@@ -89,7 +93,7 @@ def _direct_read(path: Path, offset: int, length: int) -> bytes:
 def _depth0(top: Path) -> list[tuple[int, int]]:
     """The ranges the top itself holds, adjacent runs merged."""
     runs: list[tuple[int, int]] = []
-    for e in qemu_map_u(top):
+    for e in qemu_map(top, "-U"):
         if e["depth"] != 0:
             continue
         start, end = e["start"], e["start"] + e["length"]
@@ -97,12 +101,6 @@ def _depth0(top: Path) -> list[tuple[int, int]]:
             start = runs.pop()[0]
         runs.append((start, end))
     return runs
-
-
-def qemu_map_u(top: Path) -> list[dict]:
-    import json
-
-    return json.loads(qemu_img("map", "-U", "--output=json", top))
 
 
 def _fsync(path: Path) -> None:
@@ -113,6 +111,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_copy_on_read_fills_top_and_off_leaves_it(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "8M")
@@ -233,6 +232,7 @@ def _layout(entries: list[dict]) -> list[tuple[int, int, bool]]:
     return runs
 
 
+@pytest.mark.slow
 def test_seek_data_hole_matches_qemu_map(tmp_path: Path) -> None:
     """SEEK_DATA/SEEK_HOLE on the FUSE file (what `qemu-img map -f raw` uses) agree with
     `qemu-img map` of the chain itself."""
@@ -243,7 +243,7 @@ def test_seek_data_hole_matches_qemu_map(tmp_path: Path) -> None:
     with serving(tmp_path, *drives) as srv:
         for name, top in tops.items():
             fuse_map = json.loads(qemu_img("map", "-f", "raw", "--output=json", srv.path(name)))
-            assert _layout(fuse_map) == _layout(qemu_map_u(top)), name
+            assert _layout(fuse_map) == _layout(qemu_map(top, "-U")), name
         fd = os.open(srv.path("chain"), os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size

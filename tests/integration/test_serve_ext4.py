@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import qemu_img, qemu_io, qemu_raw, run
+from tests.helpers.commands import guest_view, qemu_img, qemu_io, run
 from tests.helpers.daemon import serving
 
 MiB = 1 << 20
@@ -22,6 +22,8 @@ def _losetup(path: Path) -> str:
     return res.stdout.strip()
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_ext4_on_loop_device(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
@@ -62,7 +64,7 @@ def test_ext4_on_loop_device(tmp_path: Path) -> None:
     qemu_img("check", top)
     # the image alone (no daemon) still holds a clean file system
     raw = tmp_path / "disk.raw"
-    raw.write_bytes(qemu_raw(top, tmp_path))
+    raw.write_bytes(guest_view(top, tmp_path))
     run("fsck.ext4", "-fn", raw)
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import QemuHolder, locked_bytes, qemu_img, qemu_io, run
+from tests.helpers.commands import qemu_img, qemu_io, run
 from tests.helpers.daemon import force_unmount, is_mounted, run_serve, serving, start
+from tests.helpers.locks import QemuHolder, locked_bytes
 
 MiB = 1 << 20
 
@@ -106,6 +107,7 @@ def _one_line(res: subprocess.CompletedProcess[str], mnt: Path, sock: Path) -> s
     return lines[0]
 
 
+@pytest.mark.slow
 def test_startup_errors(tmp_path: Path) -> None:
     _, top = _image(tmp_path)
     mnt, sock = tmp_path / "mnt", tmp_path / "q.sock"
@@ -155,6 +157,8 @@ def test_startup_errors(tmp_path: Path) -> None:
     assert not mnt.exists() or not os.listdir(mnt)
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_busy_mount_point(tmp_path: Path) -> None:
     _, top = _image(tmp_path)
     mnt, sock = tmp_path / "mnt", tmp_path / "q.sock"

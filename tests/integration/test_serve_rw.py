@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import qemu_img, qemu_io, qemu_raw
+from tests.helpers.commands import guest_view, qemu_img, qemu_io
 from tests.helpers.daemon import serving
 
 MiB = 1 << 20
@@ -57,6 +57,7 @@ with open(out, "wb") as f:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["inline", "threads"])
 def test_concurrent_random_io_matches_model(tmp_path: Path, engine: str) -> None:
     """inline: the daemon's normal mode. threads: every engine call goes to a worker
@@ -69,7 +70,7 @@ def test_concurrent_random_io_matches_model(tmp_path: Path, engine: str) -> None
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, cwd=tmp_path)
     qemu_io(top, "write -P 0x5e 4M 2M")
     init = tmp_path / "init.raw"
-    init.write_bytes(qemu_raw(top, tmp_path))
+    init.write_bytes(guest_view(top, tmp_path))
     model = bytearray(init.read_bytes())
     extra = ["--engine-threads"] if engine == "threads" else []
     with serving(tmp_path, f"id=d0,file={top}", extra=extra) as srv:
@@ -129,6 +130,7 @@ for n, path in enumerate(drives):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["inline", "threads"])
 def test_copy_on_read_never_overwrites_concurrent_writes(tmp_path: Path, engine: str) -> None:
     """Big O_DIRECT reads (1 MiB copy-on-read requests) race 4 KiB writes to the same

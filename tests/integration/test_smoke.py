@@ -1,8 +1,7 @@
-import subprocess
-import sys
+from tests.helpers.commands import vdisk
 
 
 def test_cli_version() -> None:
-    out = subprocess.run([sys.executable, "-m", "vdisk", "--version"], capture_output=True, text=True)
+    out = vdisk("--version", check=False)
     assert out.returncode == 0
     assert out.stdout.startswith("vdisk ")

@@ -3,33 +3,22 @@ checked with qemu-img (info, check, map, compare) as the independent oracle."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.helpers.daemon import ROOT, serving
-from tests.helpers.qmp import (
-    GiB,
-    MiB,
-    check_clean,
-    create,
-    depth_of,
-    image_map,
-    info,
-    qemu_io,
-    qmp_session,
-    run,
-    sha,
-    three_layers,
-    to_raw,
-)
+import pytest
+
+from tests.helpers.chains import GiB, MiB, create, depth_of, sha, three_layers
+from tests.helpers.commands import check_clean, qemu_info, qemu_io, qemu_map, run, to_raw, vdisk
+from tests.helpers.daemon import serving
+from tests.helpers.qmp import qmp_session
 
 
 def drive(top: Path, cor: bool = False) -> str:
     return f"id=d0,file={top},copy-on-read={'on' if cor else 'off'}"
 
 
+@pytest.mark.slow
 def test_full_stream_three_layers(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -55,22 +44,23 @@ def test_full_stream_three_layers(tmp_path: Path) -> None:
         blk = q.ok("query-block")[0]["inserted"]  # the live chain switched
         assert "backing_file" not in blk and blk["backing_file_depth"] == 0
         assert srv.stop() == 0, srv.stderr
-    meta = info(top)
+    meta = qemu_info(top, "-U")
     assert "backing-filename" not in meta and "full-backing-filename" not in meta
     check_clean(top)
     assert sha(to_raw(top, tmp_path / "after.raw")) == want
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
     # Streaming copied what the chain held; ranges unallocated everywhere stay unallocated.
-    entries = image_map(top)
+    entries = qemu_map(top, "-U")
     assert depth_of(entries, 30 * MiB)[1] is False  # nobody held 30M: still a hole
     assert depth_of(entries, 0)[1] is True and depth_of(entries, 21 * MiB)[1] is True
 
 
+@pytest.mark.slow
 def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
     want = sha(orig)
-    before = image_map(top)
+    before = qemu_map(top, "-U")
     assert depth_of(before, 8 * MiB)[0] == 1 and depth_of(before, 5 * MiB)[0] == 2
     with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
         # base named by its resolved path (the chain stores "base.qcow2")
@@ -81,12 +71,12 @@ def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
         blk = q.ok("query-block")[0]["inserted"]  # the live chain switched
         assert blk["backing_file_depth"] == 1 and blk["backing_file"] == "base.qcow2"
         assert srv.stop() == 0, srv.stderr
-    meta = info(top)
+    meta = qemu_info(top, "-U")
     assert Path(meta["full-backing-filename"]).resolve() == base.resolve()
     assert meta.get("backing-filename-format") == "qcow2"
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
-    after = image_map(top)
+    after = qemu_map(top, "-U")
     # the intermediate's data and its zero range over base data were copied into the top
     assert depth_of(after, 8 * MiB)[:2] == (0, True)
     assert depth_of(after, 20 * MiB)[:2] == (0, True)
@@ -98,6 +88,7 @@ def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
     assert depth_of(after, 30 * MiB)[1] is False
 
 
+@pytest.mark.slow
 def test_stream_backing_file_string(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
@@ -109,12 +100,13 @@ def test_stream_backing_file_string(tmp_path: Path) -> None:
         ev = q.wait_event("BLOCK_JOB_COMPLETED")
         assert "error" not in ev["data"]
         assert srv.stop() == 0, srv.stderr
-    meta = info(top)
+    meta = qemu_info(top, "-U")
     assert meta["backing-filename"] == spelled and meta["backing-filename-format"] == "qcow2"
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
 
 
+@pytest.mark.slow
 def test_stream_no_op_cases(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     alone = create(tmp_path / "alone.qcow2", 8 * MiB)
@@ -133,9 +125,9 @@ def test_stream_no_op_cases(tmp_path: Path) -> None:
         assert ev["data"]["offset"] == ev["data"]["len"] == 8 * MiB
         assert q.jobs() == []
         assert srv.stop() == 0, srv.stderr
-    assert info(top)["backing-filename"] == "mid.qcow2"
-    assert image_map(top) == image_map(top)  # readable
-    assert depth_of(image_map(top), 8 * MiB)[0] == 1  # nothing copied
+    assert qemu_info(top, "-U")["backing-filename"] == "mid.qcow2"
+    assert qemu_map(top, "-U") == qemu_map(top, "-U")  # readable
+    assert depth_of(qemu_map(top, "-U"), 8 * MiB)[0] == 1  # nothing copied
     check_clean(top)
     check_clean(alone)
 
@@ -165,43 +157,40 @@ def test_stream_2tib_sparse_is_fast(tmp_path: Path) -> None:
         assert elapsed < 30, elapsed
         assert srv.stop() == 0, srv.stderr
     for img in (top, top2):
-        assert "backing-filename" not in info(img)
+        assert "backing-filename" not in qemu_info(img, "-U")
         check_clean(img)
         qemu_io(img, "read -P 0x51 0 512K", "read -P 0x54 512K 4K", "read -P 0x52 1T 1M",
                 "read -P 0x53 2047G 1M", "read -P 0 2046G 1M")
         assert Path(img).stat().st_size < 64 * MiB  # the holes stayed holes
 
 
-def vdisk(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vdisk", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
+@pytest.mark.slow
 def test_cli_stream_offline(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     orig = to_raw(top, tmp_path / "orig.raw")
-    out = vdisk("stream", top, "--base", "nope.qcow2")
+    out = vdisk("stream", top, "--base", "nope.qcow2", check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "nope.qcow2" in out.stderr
     assert "Traceback" not in out.stderr
-    out = vdisk("stream", top, "--speed", "-5")
+    out = vdisk("stream", top, "--speed", "-5", check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    out = vdisk("stream", top, "--base", "base.qcow2", "--speed", "64M")
+    out = vdisk("stream", top, "--base", "base.qcow2", "--speed", "64M", check=False)
     assert out.returncode == 0, out.stderr
     assert "%" in out.stdout and "\x1b" not in out.stdout  # plain progress lines, not a TTY
-    assert info(top)["backing-filename"] == "base.qcow2"
+    assert qemu_info(top, "-U")["backing-filename"] == "base.qcow2"
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
-    out = vdisk("stream", top)
+    out = vdisk("stream", top, check=False)
     assert out.returncode == 0, out.stderr
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in qemu_info(top, "-U")
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
     raw = tmp_path / "plain.raw"
     raw.write_bytes(b"\0" * MiB)
-    out = vdisk("stream", raw)
+    out = vdisk("stream", raw, check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr and str(raw) in out.stderr
 
 
+@pytest.mark.slow
 def test_stream_shorter_backing_file(tmp_path: Path) -> None:
     """An intermediate shorter than the top: past its end the view reads zeroes, which
     must be kept when the top is re-pointed at a longer base holding data there."""
@@ -217,7 +206,7 @@ def test_stream_shorter_backing_file(tmp_path: Path) -> None:
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
         assert "error" not in ev["data"] and ev["data"]["offset"] == 32 * MiB
         assert srv.stop() == 0, srv.stderr
-    assert info(top)["backing-filename"] == "base.qcow2"
+    assert qemu_info(top, "-U")["backing-filename"] == "base.qcow2"
     check_clean(top)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, orig)
     qemu_io(top, "read -P 0 16M 4M", "read -P 0x63 20M 64K", "read -P 0x62 4M 1M")

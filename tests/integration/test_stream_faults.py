@@ -7,27 +7,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from tests.helpers.daemon import force_unmount, serving
-from tests.helpers.qmp import (
-    MiB,
-    create,
-    depth_of,
-    faulty_file,
-    image_map,
-    info,
-    qemu_io,
-    qmp_session,
-    run,
-    sha,
-    to_raw,
-    wait_until,
-)
+import pytest
 
-HERE = Path(__file__).resolve().parent
+from tests.helpers.chains import MiB, create, depth_of, sha
+from tests.helpers.commands import qemu_info, qemu_io, qemu_map, run, to_raw
+from tests.helpers.daemon import serving
+from tests.helpers.faulty_fs import faulty_file, small_tmpfs
+from tests.helpers.polling import wait_until
+from tests.helpers.qmp import qmp_session
 
 
 def check_consistent(path: Path) -> None:
@@ -37,16 +26,9 @@ def check_consistent(path: Path) -> None:
     assert "ERROR" not in out.stdout, out.stdout
 
 
-@contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
-    try:
-        yield path
-    finally:
-        force_unmount(path)
 
-
+@pytest.mark.slow
+@pytest.mark.root
 def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "32M")
     qemu_io(base, "write -P 0x66 0 24M", "write -P 0x67 30M 1M")
@@ -67,7 +49,7 @@ def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
             assert q.ok("query-block")[0]["inserted"].get("backing_file")
             assert sha(srv.path("d0")) == want  # still serving, view intact
             assert srv.stop() == 0, srv.stderr
-        assert Path(info(top)["full-backing-filename"]) == base
+        assert Path(qemu_info(top, "-U")["full-backing-filename"]) == base
         check_consistent(top)
         assert sha(to_raw(top, tmp_path / "after1.raw")) == want
 
@@ -87,13 +69,14 @@ def test_enospc_report_then_stop_and_resume(tmp_path: Path) -> None:
             assert "error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"]
             assert sha(srv.path("d0")) == want
             assert srv.stop() == 0, srv.stderr
-        assert "backing-filename" not in info(top)
+        assert "backing-filename" not in qemu_info(top, "-U")
         check_consistent(top)
         assert sha(to_raw(top, tmp_path / "after2.raw")) == want
 
 
 
 
+@pytest.mark.slow
 def test_eio_report_ignore_stop(tmp_path: Path) -> None:
     src = tmp_path / "base.raw"
     src.write_bytes(os.urandom(16 * MiB))
@@ -122,7 +105,7 @@ def test_eio_report_ignore_stop(tmp_path: Path) -> None:
             ev = q.wait_event("BLOCK_JOB_COMPLETED")
             assert ev["data"]["error"] == os.strerror(5)
             assert q.ok("query-block")[0]["inserted"].get("backing_file")
-            m = image_map(top)
+            m = qemu_map(top, "-U")
             assert depth_of(m, 12 * MiB)[0] == 0  # carried on past the bad range
             assert depth_of(m, bad[0])[0] == 1  # the bad range was not copied
 
@@ -137,7 +120,7 @@ def test_eio_report_ignore_stop(tmp_path: Path) -> None:
             ev = q.wait_event("BLOCK_JOB_COMPLETED")
             assert "error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"]
             assert srv.stop() == 0, srv.stderr
-        assert "backing-filename" not in info(top)
+        assert "backing-filename" not in qemu_info(top, "-U")
         out = run("qemu-img", "check", "-U", top, check=False)
         assert out.returncode == 0, out.stdout
         assert to_raw(top, tmp_path / "after.raw").read_bytes() == bytes(want_bytes)

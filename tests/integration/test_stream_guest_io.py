@@ -11,19 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from tests.helpers.chains import KiB, MiB, create, three_layers
+from tests.helpers.commands import check_clean, qemu_info, qemu_io, run, to_raw
 from tests.helpers.daemon import force_unmount, serving
-from tests.helpers.qmp import (
-    KiB,
-    MiB,
-    check_clean,
-    create,
-    info,
-    qemu_io,
-    qmp_session,
-    run,
-    three_layers,
-    to_raw,
-)
+from tests.helpers.qmp import qmp_session
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -62,6 +55,7 @@ def random_io(fd: int, model: bytearray, rng: random.Random, *, discard: bool) -
     return "write"
 
 
+@pytest.mark.slow
 def test_random_guest_writes_during_stream(tmp_path: Path) -> None:
     base, mid, top = three_layers(tmp_path)
     model = bytearray(to_raw(top, tmp_path / "orig.raw").read_bytes())
@@ -91,11 +85,12 @@ def test_random_guest_writes_during_stream(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert srv.stop() == 0, srv.stderr
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in qemu_info(top, "-U")
     check_clean(top)
     assert to_raw(top, tmp_path / "after.raw").read_bytes() == model
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "32M")
     qemu_io(base, "write -P 0x5a 0 24M")
@@ -126,7 +121,7 @@ def test_kill_9_mid_stream(tmp_path: Path) -> None:
         srv.kill()
     out = run("qemu-img", "check", top, check=False)
     assert out.returncode in (0, 3), out.stdout  # leaks at most, never corruption
-    assert info(top)["backing-filename"] == "base.qcow2"
+    assert qemu_info(top, "-U")["backing-filename"] == "base.qcow2"
     assert to_raw(top, tmp_path / "crashed.raw").read_bytes() == model
     with serving(tmp_path, f"id=d0,file={top}", mount=tmp_path / "mnt2",
                  qmp_path=tmp_path / "qmp2.sock", name="serve2") as srv, \
@@ -136,7 +131,7 @@ def test_kill_9_mid_stream(tmp_path: Path) -> None:
         assert "error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"]
         assert srv.path("d0").read_bytes() == model
         assert srv.stop() == 0, srv.stderr
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in qemu_info(top, "-U")
     out = run("qemu-img", "check", top, check=False)
     assert out.returncode in (0, 3) and "ERROR" not in out.stdout, out.stdout
     assert to_raw(top, tmp_path / "final.raw").read_bytes() == model
@@ -147,6 +142,8 @@ def file_digests(root: Path) -> dict[str, str]:
             for p in sorted(root.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_ext4_on_loop_during_stream(tmp_path: Path) -> None:
     content = tmp_path / "content"
     content.mkdir()
@@ -193,7 +190,7 @@ def test_ext4_on_loop_during_stream(tmp_path: Path) -> None:
             if loop:
                 subprocess.run(["losetup", "-d", loop], check=False)
         assert srv.stop() == 0, srv.stderr
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in qemu_info(top, "-U")
     check_clean(top)
     raw = to_raw(top, tmp_path / "final.raw")
     out = run("e2fsck", "-fn", raw, check=False)

@@ -28,6 +28,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.commands import qemu_io, run
+
+pytestmark = pytest.mark.slow  # fuzzing: the soak tests
+
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
 MASK = 0x00FF_FFFF_FFFF_FE00
@@ -35,18 +39,6 @@ CASE_SECONDS = 10
 MEMORY_LIMIT = 1 << 30  # address space per worker
 READ_ALL_LIMIT = 16 << 20
 WRITE_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EFBIG, errno.EINVAL}
-
-
-def run(*cmd: object) -> None:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, f"{cmd}: {res.stderr}{res.stdout}"
-
-
-def qio(p: Path, *cmds: str) -> None:
-    args: list[str] = []
-    for c in cmds:
-        args += ["-c", c]
-    run("qemu-io", "-f", "qcow2", *args, p)
 
 
 # -- the corpus -----------------------------------------------------------------------------
@@ -57,35 +49,35 @@ def build_corpus(d: Path) -> list[str]:
     run("qemu-io", "-f", "raw", "-c", "write -P 1 0 1M", d / "base.raw")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=32768",
         d / "base.qcow2", "3M")
-    qio(d / "base.qcow2", "write -P 2 0 3M")
+    qemu_io(d / "base.qcow2", "write -P 2 0 3M", fmt="qcow2")
 
     a = d / "v3-64k-zlib.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", a, "4M")
-    qio(a, "write -P 3 0 128k", "write -c -P 4 256k 64k", "write -c -P 5 320k 64k",
-        "write -z 1M 64k", "write -P 6 1536k 100k", "write -P 7 3M 64k")
+    qemu_io(a, "write -P 3 0 128k", "write -c -P 4 256k 64k", "write -c -P 5 320k 64k",
+            "write -z 1M 64k", "write -P 6 1536k 100k", "write -P 7 3M 64k", fmt="qcow2")
     run("qemu-img", "snapshot", "-c", "snap1", a)
-    qio(a, "write -P 8 64k 64k", "write -c -P 9 2M 64k")
+    qemu_io(a, "write -P 8 64k 64k", "write -c -P 9 2M 64k", fmt="qcow2")
 
     b = d / "v2-4k.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
         "-b", "base.raw", "-F", "raw", b, "2M")
-    qio(b, "write -P 10 0 64k", "write -c -P 11 64k 4k", "write -c -P 12 68k 4k",
-        "write -P 13 1M 12k")
+    qemu_io(b, "write -P 10 0 64k", "write -c -P 11 64k 4k", "write -c -P 12 68k 4k",
+            "write -P 13 1M 12k", fmt="qcow2")
     run("qemu-img", "snapshot", "-c", "s", b)
-    qio(b, "write -P 14 4k 4k")
+    qemu_io(b, "write -P 14 4k 4k", fmt="qcow2")
 
     c = d / "v3-extl2-32k-zstd.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o",
         "cluster_size=32768,extended_l2=on,compression_type=zstd", c, "4M")
-    qio(c, "write -P 15 0 4k", "write -P 16 8k 4k", "write -c -P 17 64k 32k",
-        "write -z 128k 32k", "write -P 18 192k 96k", "write -z 200k 2k",
-        "write -c -P 19 3M 32k")
+    qemu_io(c, "write -P 15 0 4k", "write -P 16 8k 4k", "write -c -P 17 64k 32k",
+            "write -z 128k 32k", "write -P 18 192k 96k", "write -z 200k 2k",
+            "write -c -P 19 3M 32k", fmt="qcow2")
 
     e = d / "v3-512-rc8.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=8",
         e, "1M")
-    qio(e, "write -P 20 0 40k", "write -c -P 21 64k 512", "write -c -P 22 80k 512",
-        "write -z 100k 2k", "write -P 23 700k 3k")
+    qemu_io(e, "write -P 20 0 40k", "write -c -P 21 64k 512", "write -c -P 22 80k 512",
+            "write -z 100k 2k", "write -P 23 700k 3k", fmt="qcow2")
     run("qemu-img", "snapshot", "-c", "x", e)
     return [a.name, b.name, c.name, e.name]
 

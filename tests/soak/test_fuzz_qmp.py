@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,10 @@ from hypothesis import strategies as st
 from control.block_jobs import register_block_jobs
 from control.builtin import make_registry
 from control.registry import Enum, ListOf, Registry, TypeSpec
+from tests.helpers.commands import qemu_img, qemu_io
 from tests.helpers.daemon import Served, cleanup, start
+
+pytestmark = pytest.mark.slow  # fuzzing: the soak tests
 
 MAX_MESSAGE = 1 << 20  # the daemon's default message size limit
 CANARY_LIMIT = 1.0  # seconds, generous
@@ -188,23 +190,18 @@ class Fuzzed:
         self.canary.check()
 
 
-def qemu(*args: str | Path) -> str:
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          text=True, timeout=60).stdout
-
-
 def top_map(top: Path) -> str:
-    return qemu("qemu-img", "map", "-U", "--output=json", top)
+    return qemu_img("map", "-U", "--output=json", top)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     d = tmp_path_factory.mktemp("fuzz")
     base, top, ro = d / "base.raw", d / "top.qcow2", d / "ro.raw"
-    qemu("qemu-img", "create", "-f", "raw", base, "4M")
-    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", base)
-    qemu("qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "raw", top)
-    qemu("qemu-img", "create", "-f", "raw", ro, "1M")
+    qemu_img("create", "-f", "raw", base, "4M")
+    qemu_io(base, "write -P 0x5a 0 1M", fmt="raw")
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "raw", top)
+    qemu_img("create", "-f", "raw", ro, "1M")
     srv = start(d, [f"id=d0,file={top}", f"id=d1,file={ro},read-only=on"])
     canary: Canary | None = None
     try:

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import (
-    locked_bytes,
-    make_chain,
-    qemu_img,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-)
+from tests.helpers.chains import expected_runs, make_chain, status_runs
+from tests.helpers.commands import guest_view, qemu_img, qemu_io, qemu_map
+from tests.helpers.locks import locked_bytes
 from vdisk.engine.chain import (
     chain_status,
     close_chain,
@@ -129,9 +124,9 @@ def test_chain_reads_like_qemu(tmp_path: Path) -> None:
         assert all(i.read_only for i in layers)
         assert full_backing_filename(layers[0]) == str(imgs["mid"])
         assert os.path.samefile(full_backing_filename(layers[1]) or "", imgs["base"])
-        assert top.read(0, top.virtual_size) == qemu_raw(imgs["top"], tmp_path)
+        assert top.read(0, top.virtual_size) == guest_view(imgs["top"], tmp_path)
         mid = layers[1]
-        assert mid.read(0, mid.virtual_size) == qemu_raw(imgs["mid"], tmp_path)
+        assert mid.read(0, mid.virtual_size) == guest_view(imgs["mid"], tmp_path)
     finally:
         close_chain(top)
 
@@ -155,46 +150,9 @@ def test_four_deep_mixed_names(tmp_path: Path) -> None:
         assert len(list(iter_chain(top))) == 4
         assert not top.read_only and all(i.read_only for i in list(iter_chain(top))[1:])
         assert top.virtual_size == 6 * MiB
-        assert top.read(0, top.virtual_size) == qemu_raw(d1 / "top.qcow2", tmp_path)
+        assert top.read(0, top.virtual_size) == guest_view(d1 / "top.qcow2", tmp_path)
     finally:
         close_chain(top)
-
-
-def _expected_status(entry: dict, sizes: list[int]) -> tuple[int | None, Status]:
-    """chain_status's answer derived from one qemu-img map entry."""
-    if entry["present"]:
-        return entry["depth"], Status.DATA if entry["data"] else Status.ZERO
-    d = entry["depth"]
-    if d + 1 < len(sizes) and entry["start"] >= sizes[d + 1]:
-        return d + 1, Status.ZERO  # past the end of the shorter backing image d+1
-    return None, Status.ZERO
-
-
-def _walk(top, base=None) -> list[tuple[int, int, int | None, Status]]:
-    out: list[tuple[int, int, int | None, Status]] = []
-    off = 0
-    while off < top.virtual_size:
-        n, depth, st = chain_status(top, off, top.virtual_size - off, base=base)
-        assert n > 0
-        if out and out[-1][2:] == (depth, st) and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + n, depth, st)
-        else:
-            out.append((off, n, depth, st))
-        off += n
-    return out
-
-
-def _expected(entries: list[dict], sizes: list[int], base_depth: int | None):
-    out: list[tuple[int, int, int | None, Status]] = []
-    for e in entries:
-        depth, st = _expected_status(e, sizes)
-        if base_depth is not None and (depth is None or depth >= base_depth):
-            depth, st = None, Status.UNALLOCATED
-        if out and out[-1][2:] == (depth, st):
-            out[-1] = (out[-1][0], out[-1][1] + e["length"], depth, st)
-        else:
-            out.append((e["start"], e["length"], depth, st))
-    return out
 
 
 def test_chain_status_matches_qemu_map(tmp_path: Path) -> None:
@@ -204,14 +162,15 @@ def test_chain_status_matches_qemu_map(tmp_path: Path) -> None:
     try:
         layers = list(iter_chain(top))
         sizes = [i.virtual_size for i in layers]
-        got = _walk(top)
-        assert got == _expected(entries, sizes, None)
+        got = status_runs(top)
+        assert got == expected_runs(entries, sizes, None)
         # the intermediate zero cluster over base data is held by mid, as ZERO
         assert (MiB, 65536, 1, Status.ZERO) in got
         # past mid's end (4M..8M), minus top's data: held by mid as zeroes
         assert chain_status(top, 7 * MiB, MiB) == (MiB, 1, Status.ZERO)
         for base_depth in (1, 2):
-            assert _walk(top, base=layers[base_depth]) == _expected(entries, sizes, base_depth)
+            assert status_runs(top, base=layers[base_depth]) == expected_runs(entries, sizes,
+                                                                              base_depth)
         with pytest.raises(ValueError):
             chain_status(top, top.virtual_size, 1)
     finally:

@@ -162,6 +162,7 @@ async def test_write_bounds_and_read_only() -> None:
     assert await dev.read(dev.size, 100) == b""
 
 
+@pytest.mark.slow
 async def test_copy_on_read_never_overwrites_a_concurrent_write() -> None:
     # Threaded engine + slow backing reads: without the range lock the copy-up would
     # read old backing data, the write would land, then the copy would overwrite it.

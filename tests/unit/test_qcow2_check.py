@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.commands import assert_clean, convert_raw, qemu_check, qemu_img, qemu_io, run
+from tests.helpers.chains import set_refcount
+from tests.helpers.commands import assert_clean, guest_view, qemu_check, qemu_img, qemu_io, run
 from vdisk.engine.qcow2 import check_qcow2
 
 
@@ -28,22 +29,6 @@ def _agree(p: Path) -> tuple[int, dict]:
     assert (mine.corruptions, mine.leaks) == (q.get("corruptions", 0), q.get("leaks", 0)), (
         mine.messages, q)
     return rc, q
-
-
-def _refcount_offset(p: Path, cluster: int) -> int:
-    """File offset of a 16-bit refcount entry (test images: one refcount block covers all)."""
-    with open(p, "rb") as f:
-        f.seek(48)
-        rt_off = struct.unpack(">Q", f.read(8))[0]
-        f.seek(rt_off)
-        rb_off = struct.unpack(">Q", f.read(8))[0]
-    return rb_off + 2 * cluster
-
-
-def _set_refcount(p: Path, cluster: int, value: int) -> None:
-    with open(p, "r+b") as f:
-        f.seek(_refcount_offset(p, cluster))
-        f.write(struct.pack(">H", value))
 
 
 def _data_cluster(p: Path) -> int:
@@ -77,8 +62,8 @@ def test_leak_by_refcount_edit_and_repair(tmp_path: Path) -> None:
     size = p.stat().st_size
     with open(p, "r+b") as f:  # two unreferenced clusters with refcount 1
         f.truncate(size + 2 * 65536)
-    _set_refcount(p, size >> 16, 1)
-    _set_refcount(p, (size >> 16) + 1, 3)
+    set_refcount(p, size >> 16, 1)
+    set_refcount(p, (size >> 16) + 1, 3)
     rc, q = _agree(p)
     assert rc == 3 and q["leaks"] == 2
     res = check_qcow2(str(p), repair="leaks")
@@ -88,7 +73,7 @@ def test_leak_by_refcount_edit_and_repair(tmp_path: Path) -> None:
 
 def test_shared_refcount_is_leak_and_copied_error(tmp_path: Path) -> None:
     p = _image(tmp_path)
-    _set_refcount(p, _data_cluster(p), 2)
+    set_refcount(p, _data_cluster(p), 2)
     rc, q = _agree(p)
     assert rc == 2 and q["leaks"] == 1 and q["corruptions"] == 1
     res = check_qcow2(str(p), repair="all")
@@ -98,9 +83,9 @@ def test_shared_refcount_is_leak_and_copied_error(tmp_path: Path) -> None:
 
 def test_corruption_and_repair_all(tmp_path: Path) -> None:
     p = _image(tmp_path, snapshot=True)
-    want = convert_raw(p, tmp_path)
+    want = guest_view(p, tmp_path)
     c = _data_cluster(p)
-    _set_refcount(p, c, 0)
+    set_refcount(p, c, 0)
     rc, q = _agree(p)
     assert rc == 2 and q["corruptions"] >= 1
     res = check_qcow2(str(p), repair="leaks")  # leaks only: corruption stays
@@ -108,7 +93,7 @@ def test_corruption_and_repair_all(tmp_path: Path) -> None:
     res = check_qcow2(str(p), repair="all")
     assert res.corruptions == 0 and res.corruptions_fixed >= 1
     assert_clean(p)
-    assert convert_raw(p, tmp_path) == want
+    assert guest_view(p, tmp_path) == want
 
 
 def test_copied_flag_cleared(tmp_path: Path) -> None:

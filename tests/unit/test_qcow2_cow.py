@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.commands import (
-    assert_clean,
-    close_chain,
-    convert_raw,
-    open_chain,
-    qemu_img,
-    qemu_io,
-)
+from tests.helpers.commands import assert_clean, guest_view, qemu_img, qemu_io
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.engine.qcow2 import check_qcow2, open_qcow2
 from vdisk.errors import ReadOnlyError
 
@@ -43,22 +37,22 @@ def test_write_after_internal_snapshot(tmp_path: Path, opts: str) -> None:
     qemu_img("create", "-f", "qcow2", "-o", opts, str(p), str(SIZE))
     qemu_io(p, "write -P 1 0 3M", "write -P 2 5M 1M")
     qemu_img("snapshot", "-c", "s1", str(p))
-    snap = convert_raw(p, tmp_path)
+    snap = guest_view(p, tmp_path)
     model = bytearray(snap)
     with open_qcow2(str(p), read_only=False) as img:
         _random_writes(img, model, 1)
         assert img.read(0, SIZE) == model
     assert_clean(p)
     assert check_qcow2(str(p)).clean
-    assert convert_raw(p, tmp_path) == model
-    assert convert_raw(p, tmp_path, "-l", "snapshot.name=s1") == snap
+    assert guest_view(p, tmp_path) == model
+    assert guest_view(p, tmp_path, "-l", "snapshot.name=s1") == snap
     # and again on top of our own writes, after a second snapshot
     qemu_img("snapshot", "-c", "s2", str(p))
     with open_qcow2(str(p), read_only=False) as img:
         _random_writes(img, model, 2)
     assert_clean(p)
-    assert convert_raw(p, tmp_path) == model
-    assert convert_raw(p, tmp_path, "-l", "snapshot.name=s1") == snap
+    assert guest_view(p, tmp_path) == model
+    assert guest_view(p, tmp_path, "-l", "snapshot.name=s1") == snap
     assert "s2" in qemu_img("snapshot", "-l", str(p))
 
 
@@ -77,7 +71,7 @@ def test_write_to_compressed(tmp_path: Path, ctype: str) -> None:
         assert img.read(0, SIZE) == model
     assert_clean(p)
     assert check_qcow2(str(p)).clean
-    assert convert_raw(p, tmp_path) == model
+    assert guest_view(p, tmp_path) == model
 
 
 def test_set_backing(tmp_path: Path) -> None:
@@ -103,8 +97,8 @@ def test_set_backing(tmp_path: Path) -> None:
         f.write(ext + head[:boff - hlen + bsize])
         f.seek(8)
         f.write(struct.pack(">Q", boff + len(ext)))
-    want = convert_raw(p, tmp_path)
-    img = open_chain(p, read_only=False)
+    want = guest_view(p, tmp_path)
+    img = open_chain(str(p), read_only=False)
     try:
         img.set_backing("base2.qcow2", "qcow2")
         assert img.backing_name == "base2.qcow2" and img.backing_format == "qcow2"
@@ -114,7 +108,7 @@ def test_set_backing(tmp_path: Path) -> None:
     assert info["backing-filename"] == "base2.qcow2"
     assert info["backing-filename-format"] == "qcow2"
     assert_clean(p)
-    assert convert_raw(p, tmp_path) == want
+    assert guest_view(p, tmp_path) == want
     raw = p.read_bytes()[:65536]
     assert b"\x12\x34\x56\x78\x00\x00\x00\x05hello" in raw
     with open_qcow2(str(p), read_only=False) as img:

@@ -155,6 +155,7 @@ def test_runtime_bad_l2_offset_is_eio(tmp_path: Path) -> None:
         assert ei.value.errno == errno.EIO
 
 
+@pytest.mark.slow
 def test_fuzzed_headers_fail_cleanly(tmp_path: Path) -> None:
     """Random byte damage: open raises ImageError or works; I/O raises OSError or works;
     check_qcow2 raises ImageError or reports; never another exception."""

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import ROOT
 from tests.helpers.commands import assert_clean, qemu_img, run
 from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
-REPO = str(Path(__file__).resolve().parents[2])
+REPO = str(ROOT)
 
 CHILD = r"""
 import hashlib, json, random, sys
@@ -49,6 +52,7 @@ print(json.dumps({"maxrss_kib": int(hwm),
 """
 
 
+@pytest.mark.slow
 def test_2tib_sparse_rss(tmp_path: Path) -> None:
     p = tmp_path / "huge.qcow2"
     qemu_img("create", "-f", "qcow2", str(p), "2T")

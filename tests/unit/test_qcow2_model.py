@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.commands import assert_clean, close_chain, open_chain, qemu_img, qemu_io, run
+from tests.helpers.commands import assert_clean, qemu_img, qemu_io, run
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
 CONFIGS = [
@@ -72,7 +73,7 @@ def test_model(tmp_path: Path, cfg: tuple, seed: int) -> None:
     else:
         create_qcow2(str(top), size, cluster_size=cs, compat=compat, refcount_bits=rbits,
                      extended_l2=ext)
-    img = open_chain(top, read_only=False)
+    img = open_chain(str(top), read_only=False)
     try:
         for step in range(150):
             r = rnd.random()
@@ -111,6 +112,7 @@ def test_model(tmp_path: Path, cfg: tuple, seed: int) -> None:
         assert q.backing_name == (f"base.{base_fmt}" if base_fmt else None)
 
 
+@pytest.mark.slow
 def test_refcount_table_growth(tmp_path: Path) -> None:
     """512 B clusters with 64-bit refcounts: the refcount table must move several times."""
     size = 8 << 20

@@ -65,8 +65,11 @@ class Recorder:
         out.write_bytes(bytes(img))
 
 
-@pytest.mark.parametrize("cs,compat,rbits", [(4096, "1.1", 16), (512, "1.1", 64),
-                                              (65536, "0.10", 16)])
+@pytest.mark.parametrize("cs,compat,rbits", [
+    pytest.param(4096, "1.1", 16, marks=pytest.mark.slow),
+    pytest.param(512, "1.1", 64, marks=pytest.mark.slow),
+    (65536, "0.10", 16),
+])
 def test_power_loss_subsets(tmp_path: Path, cs: int, compat: str, rbits: int) -> None:
     size = 4 << 20
     p = tmp_path / "p.qcow2"
@@ -90,6 +93,7 @@ def test_power_loss_subsets(tmp_path: Path, cs: int, compat: str, rbits: int) ->
     assert rec.crashes >= 60
 
 
+@pytest.mark.slow
 def test_power_loss_with_l2_evictions(tmp_path: Path) -> None:
     """A 2-table L2 cache: dirty tables are written back on eviction, mid-request."""
     size = 4 << 20

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.commands import close_chain, convert_raw, open_chain, qemu_img, qemu_io
+from tests.helpers.commands import guest_view, qemu_img, qemu_io
+from vdisk.engine.chain import close_chain, open_chain
 from vdisk.engine.image import Status
 from vdisk.engine.qcow2 import open_qcow2
 
@@ -76,7 +77,7 @@ def _variant(tmp: Path, name: str) -> Path:
                                   "zstd", "prealloc", "extl2-2m"])
 def test_read_variants(tmp_path: Path, name: str) -> None:
     img = _variant(tmp_path, name)
-    want = convert_raw(img, tmp_path)
+    want = guest_view(img, tmp_path)
     with open_qcow2(str(img), read_only=True) as q:
         assert q.read(0, SIZE) == want
         # unaligned pieces too
@@ -114,8 +115,8 @@ def _overlay(tmp: Path, base_fmt: str, opts: str) -> Path:
                                            ("raw", "extended_l2=on,cluster_size=16k")])
 def test_read_overlay(tmp_path: Path, base_fmt: str, opts: str) -> None:
     top = _overlay(tmp_path, base_fmt, opts)
-    want = convert_raw(top, tmp_path)
-    img = open_chain(top)
+    want = guest_view(top, tmp_path)
+    img = open_chain(str(top), read_only=True)
     try:
         assert img.backing_name == f"base.{base_fmt}"
         assert img.backing_format == base_fmt
@@ -149,12 +150,12 @@ def test_read_overlay(tmp_path: Path, base_fmt: str, opts: str) -> None:
 
 def test_read_snapshots(tmp_path: Path) -> None:
     img = _variant(tmp_path, "v3")
-    before = convert_raw(img, tmp_path)
+    before = guest_view(img, tmp_path)
     qemu_img("snapshot", "-c", "s1", str(img))
     _scribble(img, 12)
     qemu_img("snapshot", "-c", "s2", str(img))
     _scribble(img, 13)
-    want = convert_raw(img, tmp_path)
+    want = guest_view(img, tmp_path)
     assert want != before
     with open_qcow2(str(img), read_only=True) as q:
         assert q.read(0, SIZE) == want
@@ -164,7 +165,7 @@ def test_unknown_compat_and_autoclear_bits(tmp_path: Path) -> None:
     import struct
 
     img = _variant(tmp_path, "v3")
-    want = convert_raw(img, tmp_path)
+    want = guest_view(img, tmp_path)
     with open(img, "r+b") as f:
         f.seek(80)
         compat, autoclear = struct.unpack(">QQ", f.read(16))
@@ -185,7 +186,7 @@ def test_unknown_compat_and_autoclear_bits(tmp_path: Path) -> None:
     from tests.helpers.commands import assert_clean
 
     assert_clean(img)
-    assert convert_raw(img, tmp_path)[:10] == want[:5] + b"hello"
+    assert guest_view(img, tmp_path)[:10] == want[:5] + b"hello"
 
 
 def test_layer_status_runs(tmp_path: Path) -> None:

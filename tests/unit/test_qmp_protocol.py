@@ -479,6 +479,7 @@ _requests = st.builds(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(
     msgs=st.lists(_requests, min_size=1, max_size=5),

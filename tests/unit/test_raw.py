@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import qemu_img, qemu_info, qemu_io, qemu_map
+from tests.helpers.commands import qemu_img, qemu_info, qemu_io, qemu_map
 from vdisk.engine.image import Status
 from vdisk.engine.raw import create_raw, open_raw
 from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
