@@ -233,7 +233,7 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
-def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
+def fuse_unavailable(device: str = "/dev/fuse", mtab: str = "/etc/mtab") -> str | None:
     """Why this user cannot serve a FUSE file system here, or None if it can."""
     if not os.path.exists(device):
         return (f"there is no {device} (load the kernel module: modprobe fuse; "
@@ -252,6 +252,9 @@ def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
         st = os.stat(path)
         if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
             return f"{path} is not setuid root, so users other than root cannot mount with it"
+        if not os.path.exists(mtab):  # it could mount, but not unmount: a mount left behind
+            return (f"there is no {mtab}, which fusermount3 needs to unmount for users other "
+                    f"than root. As root: ln -s ../proc/self/mounts {mtab}")
     return None
 
 
