@@ -10,6 +10,7 @@ test chooses whether they may open it without touching the machine's /dev/fuse.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -269,13 +270,14 @@ def test_setup_without_root_or_sudo_says_what_to_do(set_up: SetUp, tmp_path: Pat
     ]
 
 
-def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int,
-                   *command: str) -> subprocess.CompletedProcess[str]:
+def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int, *command: str,
+                   fuse_group: int = 0) -> subprocess.CompletedProcess[str]:
     """The command (default: scripts/run, i.e. the demo) as nobody, with a plain PATH,
-    seeing a /dev/fuse of fuse_mode."""
+    seeing a /dev/fuse of fuse_mode, owned by root and fuse_group."""
     node = home.parent / f"{home.name}.fuse"
     os.mknod(node, stat.S_IFCHR | fuse_mode, os.stat("/dev/fuse").st_rdev)
     node.chmod(fuse_mode)  # mknod's mode went through the umask
+    os.chown(node, 0, fuse_group)
     uid, gid = _nobody()
     # Only the mount that holds /dev/fuse is made private ("/" may be no mount point, as
     # in a chroot), so that the bind mount stays in this namespace.
@@ -323,6 +325,20 @@ def test_demo_as_another_user_without_fuse_access_says_why(set_up: SetUp) -> Non
         f"root:root, so user {user} cannot open it. Run the demo as root, or give {user} read "
         "and write access to /dev/fuse (for example a group that owns it, with mode 0660)\n")
     assert re.fullmatch(r"vdisk demo: working in \S+\n", res.stdout), res.stdout
+    assert _left_in(home) == []
+
+
+@needs_root
+def test_demo_as_another_user_not_in_the_fuse_group_says_join_it(set_up: SetUp) -> None:
+    home = _home(set_up, "not-in-group")
+    group = grp.getgrnam("daemon")  # a group nobody is not in (base-passwd has it)
+    res = _run_as_nobody(set_up, home, 0o660, fuse_group=group.gr_gid)
+    assert res.returncode == 1, res.stdout + res.stderr
+    user = pwd.getpwuid(_nobody()[0]).pw_name
+    assert res.stderr == (
+        f"vdisk: demo failed: cannot serve the disk through FUSE: /dev/fuse is crw-rw---- "
+        f"root:daemon, so user {user} cannot open it. Run the demo as root, or add {user} to "
+        f"group daemon (as root: adduser {user} daemon; log in again)\n")
     assert _left_in(home) == []
 
 

@@ -240,10 +240,14 @@ def fuse_unavailable(device: str = "/dev/fuse", mtab: str = "/etc/mtab") -> str 
                 "in a container, pass the device in)")
     if not os.access(device, os.R_OK | os.W_OK):
         st, user = os.stat(device), _user_name(os.geteuid())
-        return (f"{device} is {stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:"
-                f"{_group(st.st_gid)}, so user {user} cannot open it. Run the demo as root, "
-                f"or give {user} read and write access to {device} (for example a group "
-                "that owns it, with mode 0660)")
+        group = _group(st.st_gid)
+        if st.st_mode & 0o060 == 0o060 and st.st_gid != 0:  # the group may: join it
+            fix = f"add {user} to group {group} (as root: adduser {user} {group}; log in again)"
+        else:
+            fix = (f"give {user} read and write access to {device} (for example a group "
+                   "that owns it, with mode 0660)")
+        return (f"{device} is {stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:{group}, "
+                f"so user {user} cannot open it. Run the demo as root, or {fix}")
     if os.geteuid() != 0:
         path = find_tool("fusermount3")
         if path is None:
