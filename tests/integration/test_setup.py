@@ -10,6 +10,7 @@ test chooses whether they may open it without touching the machine's /dev/fuse.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -269,11 +270,14 @@ def test_setup_without_root_or_sudo_says_what_to_do(set_up: SetUp, tmp_path: Pat
     ]
 
 
-def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int) -> subprocess.CompletedProcess[str]:
-    """scripts/run (the demo) as nobody, with a plain PATH, seeing a /dev/fuse of fuse_mode."""
+def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int, *command: str,
+                   fuse_group: int = 0) -> subprocess.CompletedProcess[str]:
+    """The command (default: scripts/run, i.e. the demo) as nobody, with a plain PATH,
+    seeing a /dev/fuse of fuse_mode, owned by root and fuse_group."""
     node = home.parent / f"{home.name}.fuse"
     os.mknod(node, stat.S_IFCHR | fuse_mode, os.stat("/dev/fuse").st_rdev)
     node.chmod(fuse_mode)  # mknod's mode went through the umask
+    os.chown(node, 0, fuse_group)
     uid, gid = _nobody()
     # Only the mount that holds /dev/fuse is made private ("/" may be no mount point, as
     # in a chroot), so that the bind mount stays in this namespace.
@@ -282,7 +286,7 @@ def _run_as_nobody(set_up: SetUp, home: Path, fuse_mode: int) -> subprocess.Comp
     cmd = ["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script, "sh", str(node),
            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
            "env", "-i", f"PATH={PLAIN_PATH}", f"HOME={home}", f"TMPDIR={home}",
-           str(set_up.copy / "scripts" / "run"), "demo", "--speed", "64M"]
+           *(command or (str(set_up.copy / "scripts" / "run"), "demo", "--speed", "64M"))]
     try:
         return subprocess.run(cmd, cwd=home, capture_output=True, text=True, timeout=180,
                               stdin=subprocess.DEVNULL)
@@ -322,6 +326,61 @@ def test_demo_as_another_user_without_fuse_access_says_why(set_up: SetUp) -> Non
         "and write access to /dev/fuse (for example a group that owns it, with mode 0660)\n")
     assert re.fullmatch(r"vdisk demo: working in \S+\n", res.stdout), res.stdout
     assert _left_in(home) == []
+
+
+@needs_root
+def test_demo_as_another_user_not_in_the_fuse_group_says_join_it(set_up: SetUp) -> None:
+    home = _home(set_up, "not-in-group")
+    group = grp.getgrnam("daemon")  # a group nobody is not in (base-passwd has it)
+    res = _run_as_nobody(set_up, home, 0o660, fuse_group=group.gr_gid)
+    assert res.returncode == 1, res.stdout + res.stderr
+    user = pwd.getpwuid(_nobody()[0]).pw_name
+    assert res.stderr == (
+        f"vdisk: demo failed: cannot serve the disk through FUSE: /dev/fuse is crw-rw---- "
+        f"root:daemon, so user {user} cannot open it. Run the demo as root, or add {user} to "
+        f"group daemon (as root: adduser {user} daemon; log in again)\n")
+    assert _left_in(home) == []
+
+
+@needs_root
+def test_demo_as_another_user_without_etc_mtab_says_why(set_up: SetUp) -> None:
+    """fusermount3 could mount but not unmount: the demo stops before it mounts."""
+    home = _home(set_up, "without-mtab")
+    missing = home / "mtab"
+    res = _run_as_nobody(set_up, home, 0o666, str(set_up.copy / ".venv" / "bin" / "python"),
+                         "-c", "import sys; from vdisk.demo import fuse_unavailable as f; "
+                         "print(f(mtab=sys.argv[1]), f())", str(missing))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (f"there is no {missing}, which fusermount3 needs to unmount for "
+                          f"users other than root. As root: ln -s ../proc/self/mounts "
+                          f"{missing} None\n")
+
+
+def test_setup_links_a_missing_etc_mtab(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root makes the link")
+    mtab = tmp_path / "mtab"
+    res = functions('ensure_mtab "$1"', str(mtab))
+    assert res.returncode == 0, res.stderr
+    assert os.readlink(mtab) == "../proc/self/mounts"
+    assert res.stderr == (f"setup: made {mtab} a link to ../proc/self/mounts, as systemd does: "
+                          "fusermount3 needs it to unmount for users other than root\n")
+    again = functions('ensure_mtab "$1"', str(mtab))
+    assert again.returncode == 0 and again.stderr == ""
+
+
+@needs_root
+def test_setup_as_another_user_notes_a_missing_etc_mtab(set_up: SetUp) -> None:
+    home = _home(set_up, "mtab-note")
+    mtab = home / "mtab"
+    uid, gid = _nobody()
+    res = functions('ensure_mtab "$1"', str(mtab), setup=set_up.copy / "scripts" / "setup",
+                    cwd=home, user=uid, group=gid, extra_groups=[])
+    assert res.returncode == 0, res.stderr
+    assert not os.path.lexists(mtab)
+    assert res.stderr == (f"setup: note: there is no {mtab}, so users other than root cannot "
+                          "unmount FUSE mounts (vdisk serve, the demo); as root: ln -s "
+                          f"../proc/self/mounts {mtab}\n")
 
 
 def test_pytest_keeps_only_the_folders_of_failed_tests(pytestconfig: pytest.Config) -> None:

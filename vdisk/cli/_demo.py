@@ -233,17 +233,21 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
-def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
+def fuse_unavailable(device: str = "/dev/fuse", mtab: str = "/etc/mtab") -> str | None:
     """Why this user cannot serve a FUSE file system here, or None if it can."""
     if not os.path.exists(device):
         return (f"there is no {device} (load the kernel module: modprobe fuse; "
                 "in a container, pass the device in)")
     if not os.access(device, os.R_OK | os.W_OK):
         st, user = os.stat(device), _user_name(os.geteuid())
-        return (f"{device} is {stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:"
-                f"{_group(st.st_gid)}, so user {user} cannot open it. Run the demo as root, "
-                f"or give {user} read and write access to {device} (for example a group "
-                "that owns it, with mode 0660)")
+        group = _group(st.st_gid)
+        if st.st_mode & 0o060 == 0o060 and st.st_gid != 0:  # the group may: join it
+            fix = f"add {user} to group {group} (as root: adduser {user} {group}; log in again)"
+        else:
+            fix = (f"give {user} read and write access to {device} (for example a group "
+                   "that owns it, with mode 0660)")
+        return (f"{device} is {stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:{group}, "
+                f"so user {user} cannot open it. Run the demo as root, or {fix}")
     if os.geteuid() != 0:
         path = find_tool("fusermount3")
         if path is None:
@@ -252,6 +256,9 @@ def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
         st = os.stat(path)
         if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
             return f"{path} is not setuid root, so users other than root cannot mount with it"
+        if not os.path.exists(mtab):  # it could mount, but not unmount: a mount left behind
+            return (f"there is no {mtab}, which fusermount3 needs to unmount for users other "
+                    f"than root. As root: ln -s ../proc/self/mounts {mtab}")
     return None
 
 
