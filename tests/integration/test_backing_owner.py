@@ -20,17 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import qemu_img
-from tests.helpers.daemon import is_mounted, run_serve, serving, vdisk_cmd
+from tests.helpers.commands import qemu_img, vdisk_cmd
+from tests.helpers.daemon import run_serve, serving
 from vdisk.engine.access import Creds, access_problem, creds_of
 from vdisk.engine.chain import close_chain, open_chain
 from vdisk.errors import ChainError
+from vdisk.service.mounts import is_mounted
 
 NOBODY = 65534
 G1, G2 = 31001, 31002  # gids that need no group database entry (setpriv --groups)
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to play other users")
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.getuid() != 0, reason="needs root to play other users")]
 
 
 @pytest.fixture
@@ -79,6 +81,7 @@ def one_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_nobody_cannot_read_roots_file_through_a_drive(shared: Path, tmp_path: Path) -> None:
     secret = shared / "secret.raw"
     assert as_nobody("cat", secret).returncode != 0  # the kernel agrees: not nobody's

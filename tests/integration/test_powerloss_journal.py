@@ -58,6 +58,8 @@ _FALLOC_KEEP_SIZE = 0x01
 _FALLOC_PUNCH_HOLE = 0x02
 _FALLOC_ZERO_RANGE = 0x10
 
+pytestmark = pytest.mark.slow  # about a minute in all
+
 
 # -- the journal ----------------------------------------------------------------------
 

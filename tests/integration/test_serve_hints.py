@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import QemuHolder, qemu_img, qemu_io
-from tests.helpers.daemon import force_unmount, is_mounted, run_serve, serving, vdisk_cmd
+from tests.helpers.commands import qemu_img, qemu_io, vdisk_cmd
+from tests.helpers.daemon import run_serve, serving
+from tests.helpers.locks import QemuHolder
+from vdisk.service.mounts import force_unmount, is_mounted
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root (mount, setpriv)")
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.getuid() != 0, reason="needs root (mount, setpriv)")]
 
 READ_ONLY_HINT = "give read-only=on to serve it read-only"
 FORCE_SHARE_HINT = "-U (--force-share) inspects it read-only without taking locks"
@@ -96,6 +99,7 @@ def test_no_write_permission(tmp_path: Path) -> None:
     assert one_line(res) == f"vdisk: {img}: cannot read: Permission denied"  # (probing)
 
 
+@pytest.mark.slow
 def test_lock_errors_point_at_force_share(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", top, "1M")

@@ -36,6 +36,8 @@ IGNORE = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".
                                 "bench-results")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play another user")
 
+pytestmark = pytest.mark.slow  # about a minute in all
+
 
 def functions(snippet: str, *args: str, cwd: Path = ROOT, setup: Path = SETUP,
               env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -348,7 +350,7 @@ def test_demo_as_another_user_without_etc_mtab_says_why(set_up: SetUp) -> None:
     home = _home(set_up, "without-mtab")
     missing = home / "mtab"
     res = _run_as_nobody(set_up, home, 0o666, str(set_up.copy / ".venv" / "bin" / "python"),
-                         "-c", "import sys; from vdisk.demo import fuse_unavailable as f; "
+                         "-c", "import sys; from vdisk.cli._demo import fuse_unavailable as f; "
                          "print(f(mtab=sys.argv[1]), f())", str(missing))
     assert res.returncode == 0, res.stderr
     assert res.stdout == (f"there is no {missing}, which fusermount3 needs to unmount for "
