@@ -14,6 +14,7 @@ from tests.helpers.commands import assert_clean, qemu_img, qemu_io, run
 from vdisk.engine.chain import close_chain, open_chain
 from vdisk.engine.qcow2 import create_qcow2, open_qcow2
 
+SLOW = pytest.mark.slow  # 2 MiB clusters: several seconds each
 CONFIGS = [
     # (cluster size, compat, refcount bits, extended L2, base format, virtual size)
     (512, "1.1", 16, False, "raw", 2 << 20),
@@ -22,14 +23,14 @@ CONFIGS = [
     (4096, "0.10", 16, False, "raw", 8 << 20),
     (65536, "1.1", 16, False, "raw", 16 << 20),
     (65536, "0.10", 16, False, "qcow2", 16 << 20),
-    (2 << 20, "1.1", 16, False, "qcow2", 24 << 20),
-    (2 << 20, "0.10", 16, False, "raw", 24 << 20),
+    pytest.param((2 << 20, "1.1", 16, False, "qcow2", 24 << 20), marks=SLOW),
+    pytest.param((2 << 20, "0.10", 16, False, "raw", 24 << 20), marks=SLOW),
     (4096, "1.1", 1, False, "raw", 8 << 20),
     (65536, "1.1", 64, False, "qcow2", 16 << 20),
     (65536, "1.1", 16, True, "raw", 16 << 20),
     (16384, "1.1", 8, True, "qcow2", 8 << 20),
     (65536, "1.1", 16, False, None, 16 << 20),
-    (2 << 20, "1.1", 16, True, "qcow2", 24 << 20),
+    pytest.param((2 << 20, "1.1", 16, True, "qcow2", 24 << 20), marks=SLOW),
     (8192, "1.1", 2, False, "raw", 8 << 20),
     (32768, "1.1", 4, True, None, 8 << 20),
     (1024, "1.1", 32, False, "qcow2", 4 << 20),
