@@ -253,14 +253,7 @@ class BlockDevice:
     async def copy_up(self, offset: int, length: int, *, base: Image | None = None) -> int:
         """Copy into the top every range of [offset, offset+length) that it lacks and that a
         layer above base holds; returns the bytes copied."""
-        self._check_open()
-        if self.read_only:
-            raise _oserror(errno.EROFS, f"drive {self.drive_id} is read-only")
-        if offset >= self.size or length <= 0:
-            return 0
-        start, end = self._span(offset, min(length, self.size - offset))
-        async with self._locks.hold(start, end):
-            return await self._copy_up_locked(start, end, base)
+        return await self.copy_up_step(offset, length, base=base)
 
     async def copy_up_step(self, offset: int, length: int, *, base: Image | None = None,
                            zeroes: bool = True) -> int:
