@@ -14,6 +14,7 @@ import os
 import stat
 from typing import Any
 
+from vdisk.engine import blocking
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.engine.probe import PROBE_SIZE, detect_format
@@ -214,7 +215,7 @@ class RawImage(Image):
     def flush(self) -> None:
         self._check_open()
         if not self.read_only:
-            os.fdatasync(self.fd)
+            blocking.fdatasync(self.fd)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         if name is None:
@@ -239,7 +240,7 @@ class RawImage(Image):
             return
         try:
             if not self.read_only:
-                os.fdatasync(self.fd)
+                blocking.fdatasync(self.fd)
         finally:
             self._closed = True
             if self._locked:
@@ -315,7 +316,7 @@ def create_raw(path: str, size: int) -> None:
         try:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, round_up(size, SECTOR))
-            os.fsync(fd)
+            blocking.fsync(fd)
         except OSError as e:
             raise ImageError(path, f"cannot make the image {size} bytes: {e.strerror}") from None
         finally:

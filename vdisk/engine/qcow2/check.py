@@ -14,6 +14,7 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 
+from vdisk.engine import blocking
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.engine.qcow2.fileio import ImageFile
 from vdisk.engine.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header
@@ -296,7 +297,7 @@ def check_qcow2(path: str, repair: str | None = None, *,
         try:
             res = _run(path, fd, writable, repair == "all")
             if writable and (res.leaks_fixed or res.corruptions_fixed):
-                os.fdatasync(fd)
+                blocking.fdatasync(fd)
                 again = _run(path, fd, False, False)
                 again.leaks_fixed, again.corruptions_fixed = res.leaks_fixed, \
                     res.corruptions_fixed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from array import array
 
+from vdisk.engine import blocking
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.engine.qcow2.header import (
     INCOMPAT_EXTL2,
@@ -95,7 +96,7 @@ def create_qcow2(path: str, size: int, *, cluster_size: int = 65536,
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, image, 0)
-            os.fdatasync(fd)
+            blocking.fdatasync(fd)
         finally:
             unlock_image(fd)
     except OSError as e:

@@ -6,6 +6,8 @@ import errno
 import os
 from collections.abc import Sequence
 
+from vdisk.engine import blocking
+
 
 class ImageFile:
     """An fd plus the bookkeeping the write-ordering rules need.
@@ -64,7 +66,7 @@ class ImageFile:
             self.size = offset + total
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        blocking.fdatasync(self.fd)
         self.syncs += 1
         self.unsynced = False
         self.named_data = False

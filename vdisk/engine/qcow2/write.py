@@ -13,11 +13,11 @@ returns its new clusters to the reserve: no request is ever half applied.
 from __future__ import annotations
 
 import errno
-import os
 from array import array
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
+from vdisk.engine import blocking
 from vdisk.engine.qcow2.alloc import Allocator
 from vdisk.engine.qcow2.cluster import ClusterMap
 from vdisk.engine.qcow2.fileio import ImageFile
@@ -318,7 +318,7 @@ class Writer:
 def _copy_all(src_fd: int, dst_fd: int, n: int, src: int, dst: int) -> None:
     done = 0
     while done < n:
-        got = os.copy_file_range(src_fd, dst_fd, n - done, src + done, dst + done)
+        got = blocking.copy_file_range(src_fd, dst_fd, n - done, src + done, dst + done)
         if got <= 0:
             raise OSError(errno.EIO, "copy_file_range made no progress")
         done += got
