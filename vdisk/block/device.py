@@ -1,14 +1,17 @@
 """BlockDevice: async, range-serialized access to one image chain, with copy-on-read.
 
 The format engine is synchronous and not thread-safe, so every engine call on a
-chain goes through one per-device engine lock. Short calls (status, read, write,
-zeroes) run inline in the trio thread: a thread hop costs more than a cached 4 KiB
-read. Measured through FUSE (fio randread 4 KiB, psync, O_DIRECT, 1 GiB qcow2, 2 cores):
-inline 21.7k IOPS with 1 job, 26.4k with 4; every call via trio.to_thread with a
-CapacityLimiter(1): 4.3k and 6.0k (on a busier machine: 12.5k/20.7k against 6.3k/7.2k). Calls that sleep on the disk (flush, header
-rewrites, close) run in a worker thread while holding the same lock, so the loop
-(QMP, other drives) keeps going. engine_threads=True (serve --engine-threads, hidden)
-sends every call to the thread, for measurements.
+chain goes through one per-device engine lock. Before each call the device asks the
+engine whether it may block (Image.may_block, decided from cached metadata): a call
+that may sleep on a disk sync or the network, or move more than about one cluster
+(blocking.INLINE_COPY), runs in a worker thread while holding the engine lock, so the
+loop (QMP, other drives, other requests) keeps going; the rest run inline in the trio
+thread, because a thread hop costs more than a cached 4 KiB read. Measured through
+FUSE (fio randread 4 KiB, psync, O_DIRECT, 1 GiB qcow2, 2 cores): inline 21.7k IOPS
+with 1 job, 26.4k with 4; every call via trio.to_thread with a CapacityLimiter(1):
+4.3k and 6.0k. Flush, header rewrites and close always run in the thread.
+engine_threads=True (serve --engine-threads, hidden) sends every call to the thread,
+for measurements.
 
 Multi-step operations (copy-on-read, copy_up, writes, zeroes) hold a byte-range
 lock over their span, so a copy-up's "does the top hold it?" check and its copy
@@ -67,6 +70,21 @@ class BlockDevice:
         self._cor_errors: set[int | None] = set()  # errnos already reported
 
     # -- engine access ---------------------------------------------------------------
+
+    async def _call(self, blocks: bool, fn: Callable[..., T], *args: object) -> T:
+        """Run an engine call: in a worker thread if it may block, else inline."""
+        if blocks:
+            return await self._threaded(fn, *args)
+        return await self._inline(fn, *args)
+
+    def _chain_blocks(self, op: str, offset: int, length: int) -> bool:
+        """True if op on the range may block in any layer of the chain."""
+        img: Image | None = self.top
+        while img is not None:
+            if img.may_block(op, offset, length):
+                return True
+            img = img.backing
+        return False
 
     async def _inline(self, fn: Callable[..., T], *args: object) -> T:
         """Run a short engine call in the trio thread, serialized with threaded calls."""
@@ -151,22 +169,26 @@ class BlockDevice:
         copied = 0
         off = start
         while off < end:
-            run, what, src = await self._inline(self._next_copy, off, end, base)
+            n = min(end - off, COPY_PIECE)
+            run, what, src = await self._call(self._chain_blocks("status", off, n),
+                                              self._next_copy, off, end, base)
             if what is Status.ZERO and not zeroes:
                 what = None
             if what is Status.DATA and src is not None and pieces is None:
-                done = await self._inline(self._copy_in_kernel, off, run, src)
+                blocks = top.may_block("write", off, run) or src.may_block("status", off, run)
+                done = await self._call(blocks, self._copy_in_kernel, off, run, src)
                 if done:
                     copied += done
                     off += done
                     continue
             if what is Status.DATA:
-                data = await self._inline(top.read, off, run)
-                await self._inline(top.write, off, data)
+                data = await self._call(top.may_block("read", off, run), top.read, off, run)
+                await self._call(top.may_block("write", off, run), top.write, off, data)
                 if pieces is not None:
                     pieces.append((off, data))
             elif what is Status.ZERO:
-                await self._inline(partial(top.write_zeroes, unmap=False), off, run)
+                await self._call(top.may_block("zeroes", off, run),
+                                 partial(top.write_zeroes, unmap=False), off, run)
             if what is not None:
                 copied += run
             off += run
@@ -190,6 +212,8 @@ class BlockDevice:
             return None
         if offset < 0 or length < 0 or offset + length > self.size:
             return None
+        if top.may_block("read", offset, length):
+            return None
         return top.read(offset, length) if length else b""
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -202,7 +226,8 @@ class BlockDevice:
         length = min(length, self.size - offset)
         top = self.top
         if self.copy_on_read and top.backing is not None:
-            ext = await self._inline(top.layer_status, offset, length)
+            ext = await self._call(top.may_block("status", offset, length),
+                                   top.layer_status, offset, length)
             if ext.status is Status.UNALLOCATED or ext.length < length:
                 start, end = self._span(offset, length)
                 async with self._locks.hold(start, end):
@@ -214,8 +239,9 @@ class BlockDevice:
                     for off, data in pieces:  # what was just copied is the guest view
                         if off <= offset and offset + length <= off + len(data):
                             return data[offset - off:offset - off + length]
-                    return await self._inline(self.top.read, offset, length)
-        return await self._inline(top.read, offset, length)
+                    return await self._call(top.may_block("read", offset, length),
+                                            top.read, offset, length)
+        return await self._call(top.may_block("read", offset, length), top.read, offset, length)
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """Do the write right here when nothing else is in flight on the device (no range
@@ -224,6 +250,8 @@ class BlockDevice:
         if self._engine_threads or self._locks.busy or self._engine_lock.locked():
             return False
         self._check_write(offset, len(data))
+        if self.top.may_block("write", offset, len(data)):
+            return False
         if data:
             self.top.write(offset, data)
         return True
@@ -234,7 +262,8 @@ class BlockDevice:
         if not data:
             return
         async with self._locks.hold(offset, offset + len(data)):
-            await self._inline(self.top.write, offset, data)
+            await self._call(self.top.may_block("write", offset, len(data)),
+                             self.top.write, offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeroes; unmap lets the top deallocate where it can."""
@@ -242,7 +271,8 @@ class BlockDevice:
         if not length:
             return
         async with self._locks.hold(offset, offset + length):
-            await self._inline(partial(self.top.write_zeroes, unmap=unmap), offset, length)
+            await self._call(self.top.may_block("zeroes", offset, length),
+                             partial(self.top.write_zeroes, unmap=unmap), offset, length)
 
     async def flush(self) -> None:
         """Make every acknowledged write durable."""
@@ -272,7 +302,8 @@ class BlockDevice:
                            ) -> tuple[int, int | None, Status]:
         """chain_status of the live chain above base: (run, depth or None, status)."""
         self._check_open()
-        return await self._inline(partial(chain_status, self.top, base=base), offset, length)
+        return await self._call(self._chain_blocks("status", offset, length),
+                                partial(chain_status, self.top, base=base), offset, length)
 
     @property
     def io_busy(self) -> bool:
@@ -291,7 +322,9 @@ class BlockDevice:
         off = offset
         steps = 0
         while off < self.size:
-            run, _, status = await self._inline(chain_status, self.top, off, self.size - off)
+            n = self.size - off
+            run, _, status = await self._call(self._chain_blocks("status", off, n),
+                                              chain_status, self.top, off, n)
             if (status is Status.DATA) == want_data:
                 return off
             off += run

@@ -73,6 +73,13 @@ class Image(abc.ABC):
         driver can; the bytes written (a prefix), 0 when it cannot (the default)."""
         return 0
 
+    def may_block(self, op: str, offset: int, length: int) -> bool:
+        """True if the call op ("read", "write", "zeroes" or "status") on the range may
+        sleep on a disk sync or the network, or move more than blocking.INLINE_COPY bytes:
+        the block layer then runs it in a worker thread. Decided from what is in memory,
+        without I/O. This default, for drivers that cannot tell, says True."""
+        return True
+
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write data; partial clusters are completed from the backing chain (COW)."""

@@ -225,6 +225,10 @@ class RawImage(Image):
     def fileno(self) -> int:
         return self.fd
 
+    def may_block(self, op: str, offset: int, length: int) -> bool:
+        """A raw file syncs only on flush and close: only a large transfer blocks."""
+        return op != "status" and length > blocking.INLINE_COPY
+
     def info(self) -> dict[str, Any]:
         st = os.fstat(self.fd)
         return {

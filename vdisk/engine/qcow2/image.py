@@ -45,6 +45,7 @@ import logging
 import os
 from typing import Any, NamedTuple
 
+from vdisk.engine.blocking import INLINE_COPY
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import unlock_image
 from vdisk.engine.qcow2.alloc import Allocator
@@ -182,7 +183,7 @@ class Qcow2Image(Image):
                 self.hdr.incompatible |= INCOMPAT_CORRUPT
                 try:
                     write_incompatible(self.f, self.hdr)
-                    self.f.sync()
+                    self.f.unsynced = True  # synced by the next flush or close (off the loop)
                 except OSError as e:
                     log.error("%s: could not set the corrupt bit: %s", self.path, e)
         return OSError(errno.EIO, f"{self.path}: {reason}; image marked corrupt")
@@ -197,6 +198,42 @@ class Qcow2Image(Image):
         if hit is not None:
             raise self._corruption(f"preventing invalid write on metadata at host offset "
                                    f"0x{first << self.cluster_bits:x} (overlaps with {hit})")
+
+    # -- what may block: the block layer runs those calls in a worker thread ------------
+    def may_block(self, op: str, offset: int, length: int) -> bool:
+        """Image.may_block from cached metadata: a read or status may evict a dirty L2
+        table (written back after a sync); a write may also need a new or copied L2 table,
+        clusters beyond the reserve, a full free queue, the first header rewrite, or a
+        copy-on-write read from a backing file that blocks."""
+        if op == "status":
+            return self._may_evict(offset, length)
+        if length > INLINE_COPY:
+            return True
+        if op == "read":
+            if self._may_evict(offset, length):
+                return True
+            bk = self.backing
+            return bk is not None and bk.may_block("read", offset, length)
+        writer = self.writer
+        if writer is None or self._closed or self.corrupt:
+            return False  # refused at once
+        if not self._prepared:
+            return True  # the first write may rewrite the header
+        return writer.may_block(offset, length, self.backing, zeroes=op == "zeroes")
+
+    def _may_evict(self, offset: int, length: int) -> bool:
+        """True if reading the L2 tables of the range may evict a dirty table."""
+        cache = self.l2_cache
+        if not cache.dirty:
+            return False
+        room = cache.capacity - len(cache)
+        end = min(offset + max(length, 1), self.virtual_size)
+        for off in self.map.table_offsets(offset, end, limit=9):  # layer_status reads <= 9
+            if off not in cache:
+                room -= 1
+                if room < 0:
+                    return True
+        return False
 
     # -- reads ------------------------------------------------------------------------
     def layer_status(self, offset: int, length: int) -> Extent:

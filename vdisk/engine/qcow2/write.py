@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from vdisk.engine import blocking
+from vdisk.engine.image import Image
 from vdisk.engine.qcow2.alloc import Allocator
 from vdisk.engine.qcow2.cluster import ClusterMap
 from vdisk.engine.qcow2.fileio import ImageFile
@@ -63,6 +64,53 @@ class Writer:
         self._guard = guard
         self._view = view
         self._prepare = prepare
+
+    # -- what a write will need --------------------------------------------------------------
+    def may_block(self, offset: int, length: int, backing: Image | None,
+                  zeroes: bool = False) -> bool:
+        """True if a write (zeroes: a zero write) of the range may sync: a new or copied L2
+        table, a table not in the cache (its entries are unknown here), more new clusters
+        than the reserve holds, a free queue that fills up, or a head or tail read from a
+        backing file that blocks. Counts every cluster not written in place as new (and as
+        a free if it names one), and with zeroes every cluster as a free: an over-estimate
+        only sends a call to a thread."""
+        cmap = self.map
+        cb = self.cluster_bits
+        mask = cmap.l2_entries - 1
+        l1 = cmap.l1
+        news = frees = 0
+        for a, b in cmap.chunks(offset, offset + length):
+            l1i = a >> cmap.chunk_bits
+            if l1i >= len(l1) or not l1[l1i] & COPIED:
+                return True
+            t = cmap.l2.get(l1[l1i] & OFFSET_MASK)
+            if t is None:
+                return True
+            for ci in range(a >> cb, ((b - 1) >> cb) + 1):
+                idx = ci & mask
+                if self.extended:
+                    e, bm = t[idx * 2], t[idx * 2 + 1]
+                    inplace = (bm & ALL_ALLOC) == ALL_ALLOC
+                else:
+                    e = t[idx]
+                    inplace = not (self.v3 and e & ZERO)
+                if zeroes and e & (OFFSET_MASK | COMPRESSED):
+                    frees += 1
+                if e & COPIED and e & OFFSET_MASK and not e & COMPRESSED and inplace:
+                    continue
+                news += 1
+                if not zeroes and e & (OFFSET_MASK | COMPRESSED):
+                    frees += 1
+        if frees and not self.alloc.frees_fit(frees):
+            return True
+        if not news:
+            return False
+        if not self.alloc.fits(news):
+            return True
+        cs = self.cluster_size
+        start = offset & ~(cs - 1)
+        return backing is not None and backing.may_block(
+            "read", start, min(-(-(offset + length) // cs) * cs, self.virtual_size) - start)
 
     # -- data -----------------------------------------------------------------------------
     def write(self, offset: int, data: memoryview) -> None:
