@@ -81,14 +81,15 @@ class FaultyFile(pyfuse3.Operations):
 
 
 @contextmanager
-def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
-    """A FUSE file with src's bytes whose reads fail with EIO in bad (see above)."""
+def served_file(tmp_path: Path, script: str, args: list[str], name: str) -> Iterator[Path]:
+    """Run `python SCRIPT SRC MOUNT ARGS...` (a FUSE file server of these helpers) with
+    MOUNT = tmp_path/name; yields MOUNT/disk once it is there; unmounts and ends it after."""
     from tests.helpers.polling import wait_until  # here: as a script, tests/ is not importable
 
-    mnt = tmp_path / "faulty"
+    mnt = tmp_path / name
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, __file__, str(src), str(mnt), str(bad[0]),
-                             str(bad[1])], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, script, args[0], str(mnt), *args[1:]],
+                            stdin=subprocess.DEVNULL)
     try:
         wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
         yield mnt / "disk"
@@ -96,6 +97,22 @@ def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Pat
         force_unmount(mnt)
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def run_fs(ops: pyfuse3.Operations, mount: str, options: set[str]) -> None:
+    """Serve ops at mount until unmounted (the main of a file server script)."""
+    pyfuse3.init(ops, mount, options)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+@contextmanager
+def faulty_file(tmp_path: Path, src: Path, bad: tuple[int, int]) -> Iterator[Path]:
+    """A FUSE file with src's bytes whose reads fail with EIO in bad (see above)."""
+    with served_file(tmp_path, __file__, [str(src), str(bad[0]), str(bad[1])], "faulty") as f:
+        yield f
 
 
 @contextmanager
@@ -113,12 +130,7 @@ def small_tmpfs(path: Path, size: str = "8M") -> Iterator[Path]:
 
 def main() -> None:
     src, mount, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    ops = FaultyFile(src, (lo, hi))
-    pyfuse3.init(ops, mount, {"fsname=eiofuse", "ro"})
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=True)
+    run_fs(FaultyFile(src, (lo, hi)), mount, {"fsname=eiofuse", "ro"})
 
 
 if __name__ == "__main__":

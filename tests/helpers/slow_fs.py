@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,8 +28,7 @@ import trio
 if __name__ == "__main__":  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.faulty_fs import INO, FaultyFile  # noqa: E402
-from vdisk.service.mounts import force_unmount, is_mounted  # noqa: E402
+from tests.helpers.faulty_fs import INO, FaultyFile, run_fs, served_file  # noqa: E402
 
 
 class SlowSyncFile(FaultyFile):
@@ -88,28 +86,13 @@ def syncs(src: Path) -> list[float]:
 def slow_sync_file(tmp_path: Path, src: Path, delay: float, name: str = "slow"
                    ) -> Iterator[Path]:
     """src served as a FUSE file whose syncs take delay seconds more (see above)."""
-    from tests.helpers.polling import wait_until
-
-    mnt = tmp_path / name
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, __file__, str(src), str(mnt), str(delay)],
-                            stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: is_mounted(mnt) and (mnt / "disk").exists(), timeout=20)
-        yield mnt / "disk"
-    finally:
-        force_unmount(mnt)
-        proc.terminate()
-        proc.wait(timeout=20)
+    with served_file(tmp_path, __file__, [str(src), str(delay)], name) as f:
+        yield f
 
 
 def main() -> None:
     src, mount, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    pyfuse3.init(SlowSyncFile(src, delay), mount, {"fsname=slowsync", "default_permissions"})
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=True)
+    run_fs(SlowSyncFile(src, delay), mount, {"fsname=slowsync", "default_permissions"})
 
 
 if __name__ == "__main__":
