@@ -205,15 +205,15 @@ class Qcow2Image(Image):
         table (written back after a sync); a write may also need a new or copied L2 table,
         clusters beyond the reserve, a full free queue, the first header rewrite, or a
         copy-on-write read from a backing file that blocks."""
+        if op == "read":  # the hot path: a guest read
+            if length > INLINE_COPY or (self.l2_cache.dirty and self._may_evict(offset, length)):
+                return True
+            bk = self.backing
+            return bk is not None and bk.may_block("read", offset, length)
         if op == "status":
             return self._may_evict(offset, length)
         if length > INLINE_COPY:
             return True
-        if op == "read":
-            if self._may_evict(offset, length):
-                return True
-            bk = self.backing
-            return bk is not None and bk.may_block("read", offset, length)
         writer = self.writer
         if writer is None or self._closed or self.corrupt:
             return False  # refused at once

@@ -78,6 +78,16 @@ class Writer:
         cb = self.cluster_bits
         mask = cmap.l2_entries - 1
         l1 = cmap.l1
+        if not zeroes and not self.extended and (offset & (self.cluster_size - 1)) + length \
+                <= self.cluster_size:  # the hot path: a write inside one owned cluster
+            l1i = offset >> cmap.chunk_bits
+            t = cmap.l2.get(l1[l1i] & OFFSET_MASK) if l1i < len(l1) and l1[l1i] & COPIED \
+                else None
+            if t is not None:
+                e = t[(offset >> cb) & mask]
+                if (e & COPIED and e & OFFSET_MASK and not e & COMPRESSED
+                        and not (self.v3 and e & ZERO)):
+                    return False
         news = frees = 0
         for a, b in cmap.chunks(offset, offset + length):
             l1i = a >> cmap.chunk_bits
