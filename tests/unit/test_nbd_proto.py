@@ -167,8 +167,10 @@ def test_a_server_without_base_allocation_selects_no_context() -> None:
 def test_refusals_of_the_export_say_why(script: bytes, reason: str) -> None:
     c = Client("disk", structured=False)
     feed(c, greeting())
+    c.data_to_send()
     with pytest.raises(Refused, match=reason):
         feed(c, script)
+    assert c.data_to_send() == option(2)  # NBD_OPT_ABORT: the soft disconnect
 
 
 def test_refused_greetings() -> None:

@@ -89,7 +89,12 @@ class _Connection:
         self._client = proto.Client(export)
         try:
             self.export = self._handshake(time.monotonic() + connect_timeout)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, proto.Refused):
+                try:  # NBD_OPT_ABORT
+                    self._sock.sendall(self._client.data_to_send())
+                except OSError:
+                    pass
             self._sock.close()
             raise
         self._lock = threading.Lock()  # the client, the waiters, sending

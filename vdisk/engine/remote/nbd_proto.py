@@ -35,7 +35,7 @@ FLAG_NO_ZEROES = 1 << 1
 FLAG_HAS_FLAGS = 1 << 0  # transmission flags
 FLAG_READ_ONLY = 1 << 1
 
-OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT = 1, 7, 8, 10
+OPT_EXPORT_NAME, OPT_ABORT, OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT = 1, 2, 7, 8, 10
 
 REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
 REP_ERR = 1 << 31
@@ -147,10 +147,6 @@ class _Pending:
     covered: list[tuple[int, int]] = field(default_factory=list)  # (start, end) received
     extents: tuple[tuple[int, int], ...] | None = None
     error: tuple[int, str] | None = None
-
-
-def _is_power_of_2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 class Client:
@@ -355,13 +351,13 @@ class Client:
     def _option_error(self, rtype: int, message: str) -> None:
         detail = f": {message}" if message else ""
         if rtype == REP_ERR_TLS_REQD:
-            raise Refused("the server requires TLS (not supported for NBD)")
+            raise self._refuse("the server requires TLS (not supported for NBD)")
         if rtype == REP_ERR_SHUTDOWN:
-            raise Refused("the server is shutting down")
+            raise self._refuse("the server is shutting down")
         if self.phase in (Phase.STRUCTURED, Phase.META):
             self._send_go()  # without structured replies (or base:allocation)
         elif rtype == REP_ERR_UNKNOWN:
-            raise Refused(f"export '{self.export_name}' does not exist on the server")
+            raise self._refuse(f"export '{self.export_name}' does not exist on the server")
         elif rtype == REP_ERR_UNSUP:
             self.phase = Phase.EXPORT_NAME
             self._option_sent = OPT_EXPORT_NAME
@@ -369,7 +365,14 @@ class Client:
             self._out += self._name
         else:
             why = _REP_ERR_NAMES.get(rtype & ~REP_ERR, f"error 0x{rtype:x}")
-            raise Refused(f"the server refused export '{self.export_name}' ({why}){detail}")
+            raise self._refuse(f"the server refused export '{self.export_name}' ({why})"
+                               f"{detail}")
+
+    def _refuse(self, reason: str) -> Refused:
+        """Queue NBD_OPT_ABORT (the soft disconnect: no option is pending now)."""
+        self._out += _OPT_HEADER.pack(IHAVEOPT, OPT_ABORT, 0)
+        self.phase = Phase.CLOSED
+        return Refused(reason)
 
     def _structured_reply(self, rtype: int, payload: bytes) -> None:
         if rtype != REP_ACK or payload:
@@ -409,8 +412,8 @@ class Client:
             if len(payload) != 14:
                 raise ProtocolError(f"block size info of {len(payload)} bytes (not 14)")
             lo, pref, hi = struct.unpack_from(">III", payload, 2)
-            if not (_is_power_of_2(lo) and lo <= 65536 and _is_power_of_2(pref)
-                    and pref >= lo and hi >= lo and (hi % lo == 0 or hi == MAX_LENGTH)):
+            if not (0 < lo <= 65536 and lo & (lo - 1) == 0 == pref & (pref - 1) and pref >= lo
+                    and hi >= lo and (hi % lo == 0 or hi == MAX_LENGTH)):
                 raise ProtocolError(f"bad block sizes: minimum {lo}, preferred {pref}, "
                                     f"maximum {hi}")
             self._blocks = (lo, pref, hi // lo * lo)
