@@ -276,6 +276,7 @@ def test_qemu_nbd_killed_and_restarted_mid_read(tmp_path: Path, caplog: pytest.L
         src.close()
         leave_no_server.append(server)
     assert errors == []
+    assert "failed (" in caplog.text  # reads in flight when it died, retried
     assert "reconnected to the NBD server" in caplog.text
 
 
