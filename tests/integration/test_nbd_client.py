@@ -281,6 +281,30 @@ def test_qemu_nbd_killed_and_restarted_mid_read(tmp_path: Path, caplog: pytest.L
 
 
 @pytest.mark.slow
+def test_a_hung_server_is_dropped_after_half_the_deadline_and_the_read_retried(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        leave_no_server: list[Server]) -> None:
+    path = tmp_path / "r.raw"
+    path.write_bytes(os.urandom(2 * MiB))
+    want = path.read_bytes()
+    server = qemu_nbd(path, "raw", sock=tmp_path / "s")
+    leave_no_server.append(server)
+    src = connect(sock=tmp_path / "s", timeout=4.0)  # silence for 2 s: a dead connection
+    caplog.set_level(logging.WARNING, "vdisk")
+    os.kill(server.pid, signal.SIGSTOP)
+    threading.Timer(2.6, os.kill, (server.pid, signal.SIGCONT)).start()
+    t0 = time.monotonic()
+    try:
+        assert src.pread(MiB, 4096) == want[4096 : 4096 + MiB]
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        src.close()
+    assert 2.5 < time.monotonic() - t0 < 4.0
+    assert "no answer from the server for 2." in caplog.text
+    assert "reconnected to the NBD server" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_server_gone_for_good_fails_the_read_within_its_deadline(
         tmp_path: Path) -> None:
     path = make_image(tmp_path, "raw")
