@@ -30,7 +30,9 @@ from typing import TypeVar
 
 import trio
 
+from vdisk.block.fetch import DEFAULT_INFLIGHT
 from vdisk.block.rangelock import RangeLock
+from vdisk.block.remote_chain import RemoteChain, has_remote_below
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
 
@@ -56,6 +58,7 @@ class BlockDevice:
         copy_on_read: bool,
         read_only: bool,
         engine_threads: bool = False,
+        inflight: int = DEFAULT_INFLIGHT,
     ) -> None:
         self.drive_id = drive_id
         self.top = top
@@ -68,6 +71,16 @@ class BlockDevice:
         self._engine_threads = engine_threads
         self._closed = False
         self._cor_errors: set[int | None] = set()  # errnos already reported
+        self._inflight = inflight
+        # set while a network layer is below the top (vdisk/block/remote_chain.py)
+        self.remote: RemoteChain | None = None
+        self._update_remote()
+
+    def _update_remote(self) -> None:
+        if not has_remote_below(self.top):
+            self.remote = None
+        elif self.remote is None:
+            self.remote = RemoteChain(self.drive_id, self._call, self._inflight)
 
     # -- engine access ---------------------------------------------------------------
 
@@ -205,7 +218,7 @@ class BlockDevice:
     def read_now(self, offset: int, length: int) -> bytes | None:
         """The read done right here, when it needs nothing async: no copy-on-read, no
         engine call in flight, engine calls inline. None: use read()."""
-        if self._engine_threads or self._closed or self._engine_lock.locked():
+        if self._engine_threads or self._closed or self._engine_lock.locked() or self.remote:
             return None
         top = self.top
         if self.copy_on_read and top.backing is not None:
@@ -225,6 +238,8 @@ class BlockDevice:
             return b""
         length = min(length, self.size - offset)
         top = self.top
+        if self.remote is not None:
+            return await self._read_remote(self.remote, offset, length)
         if self.copy_on_read and top.backing is not None:
             ext = await self._call(top.may_block("status", offset, length),
                                    top.layer_status, offset, length)
@@ -243,11 +258,46 @@ class BlockDevice:
                                             top.read, offset, length)
         return await self._call(top.may_block("read", offset, length), top.read, offset, length)
 
+    async def _read_remote(self, remote: RemoteChain, offset: int, length: int) -> bytes:
+        top = self.top
+        if not self.copy_on_read:
+            return await remote.read(top, offset, length)
+        ext = await self._call(top.may_block("status", offset, length),
+                               top.layer_status, offset, length)
+        if ext.status is not Status.UNALLOCATED and ext.length >= length:
+            return await self._call(top.may_block("read", offset, length),
+                                    top.read, offset, length)
+        start, end = self._span(offset, length)
+        async with self._locks.hold(start, end):
+            pieces: list[tuple[int, bytes]] = []
+            try:
+                await remote.copy_up(top, start, end, None, True, pieces)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise  # the remote data cannot be had: the read fails too
+                self._copy_on_read_failed(e)
+            for off, data in pieces:
+                if off <= offset and offset + length <= off + len(data):
+                    return data[offset - off:offset - off + length]
+            return await remote.read(top, offset, length)
+
+    async def _fill_partial(self, remote: RemoteChain, offset: int, length: int) -> None:
+        """Before a write into the top over a network chain: copy up the clusters the
+        write covers only in part, so the top's own copy-on-write never reads the
+        network under the engine lock. The caller holds the range."""
+        start, end = self._span(offset, length)
+        cs = max(self.top.cluster_size, 512)
+        if offset > start:
+            await remote.copy_up(self.top, start, min(start + cs, end), None, True)
+        if offset + length < end and end - cs >= start + (cs if offset > start else 0):
+            await remote.copy_up(self.top, end - cs, end, None, True)
+
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """Do the write right here when nothing else is in flight on the device (no range
         held or awaited, no engine call running): a synchronous engine call cannot be
         interleaved, so the range lock is not needed. False: use write()."""
-        if self._engine_threads or self._locks.busy or self._engine_lock.locked():
+        if (self._engine_threads or self._locks.busy or self._engine_lock.locked()
+                or self.remote):
             return False
         self._check_write(offset, len(data))
         if self.top.may_block("write", offset, len(data)):
@@ -261,6 +311,13 @@ class BlockDevice:
         self._check_write(offset, len(data))
         if not data:
             return
+        if self.remote is not None:
+            start, end = self._span(offset, len(data))
+            async with self._locks.hold(start, end):
+                await self._fill_partial(self.remote, offset, len(data))
+                await self._call(self.top.may_block("write", offset, len(data)),
+                                 self.top.write, offset, data)
+            return
         async with self._locks.hold(offset, offset + len(data)):
             await self._call(self.top.may_block("write", offset, len(data)),
                              self.top.write, offset, data)
@@ -269,6 +326,13 @@ class BlockDevice:
         """Make the range read as zeroes; unmap lets the top deallocate where it can."""
         self._check_write(offset, length)
         if not length:
+            return
+        if self.remote is not None:
+            start, end = self._span(offset, length)
+            async with self._locks.hold(start, end):
+                await self._fill_partial(self.remote, offset, length)
+                await self._call(self.top.may_block("zeroes", offset, length),
+                                 partial(self.top.write_zeroes, unmap=unmap), offset, length)
             return
         async with self._locks.hold(offset, offset + length):
             await self._call(self.top.may_block("zeroes", offset, length),
@@ -296,12 +360,16 @@ class BlockDevice:
             return 0
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
+            if self.remote is not None:
+                return await self.remote.copy_up(self.top, start, end, base, zeroes)
             return await self._copy_up_locked(start, end, base, zeroes)
 
     async def block_status(self, offset: int, length: int, *, base: Image | None = None
                            ) -> tuple[int, int | None, Status]:
         """chain_status of the live chain above base: (run, depth or None, status)."""
         self._check_open()
+        if self.remote is not None:
+            return await self.remote.status(self.top, offset, length, base)
         return await self._call(self._chain_blocks("status", offset, length),
                                 partial(chain_status, self.top, base=base), offset, length)
 
@@ -323,8 +391,11 @@ class BlockDevice:
         steps = 0
         while off < self.size:
             n = self.size - off
-            run, _, status = await self._call(self._chain_blocks("status", off, n),
-                                              chain_status, self.top, off, n)
+            if self.remote is not None:
+                run, _, status = await self.remote.status(self.top, off, n, None)
+            else:
+                run, _, status = await self._call(self._chain_blocks("status", off, n),
+                                                  chain_status, self.top, off, n)
             if (status is Status.DATA) == want_data:
                 return off
             off += run
@@ -376,6 +447,7 @@ class BlockDevice:
                 dropped.append(img)
                 img = img.backing
             top.backing = new_backing
+            self._update_remote()
             for img in dropped:
                 try:
                     await self._threaded(img.close)

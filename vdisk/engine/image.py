@@ -12,7 +12,10 @@ import abc
 import enum
 import errno
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vdisk.engine.remote import RemoteSource
 
 
 class Status(enum.Enum):
@@ -47,6 +50,9 @@ class Image(abc.ABC):
     # True when the chain opener probed this image's format (no format given, no backing
     # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
     probed: bool = False
+    # True when the image is read through a network source (vdisk.engine.remote): its
+    # reads may wait on the network, and remote_location() says where its data lies.
+    remote: bool = False
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:
@@ -66,6 +72,12 @@ class Image(abc.ABC):
     def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
         """(fd, host offset, bytes) when a prefix of the range is plain data in this file,
         for copying it in the kernel; None when it is not (the default)."""
+        return None
+
+    def remote_location(self, offset: int, length: int) -> tuple[RemoteSource, int, int] | None:
+        """(source, host offset, bytes) when a prefix of the range is plain data in this
+        image's network source, for the caller to fetch itself, outside any lock on the
+        image (sources are thread-safe); None when it is not (the default)."""
         return None
 
     def write_from(self, offset: int, fd: int, src: int, length: int) -> int:

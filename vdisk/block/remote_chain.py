@@ -1,0 +1,207 @@
+"""Reads, copies and status of a drive whose backing chain has a network layer.
+
+The top image is reached under the device's engine lock, as for every drive. The
+layers below it are reached under a lock of their own (`below`), and only to make a
+read plan (vdisk.engine.plan) from metadata or to read local pieces; the bytes that
+lie in a network source are fetched with neither lock held (vdisk.block.fetch). So a
+server that is slow or gone delays only the requests that need its data: reads the top
+can answer, writes, QMP and other drives go on.
+
+Copies write whole top clusters only, assembled from the plan (a partial cluster would
+make the top's copy-on-write read the rest from the network while holding the engine
+lock).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import trio
+
+from vdisk.block.fetch import Fetcher
+from vdisk.engine.chain import chain_status, iter_chain
+from vdisk.engine.image import Image, Status
+from vdisk.engine.plan import Piece, read_plan
+
+T = TypeVar("T")
+
+
+def has_remote_below(top: Image) -> bool:
+    return any(img.remote for img in iter_chain(top) if img is not top)
+
+
+class RemoteChain:
+    """The network-aware paths of one device. `call(blocks, fn, *args)` runs an engine
+    call on the top under the engine lock (the device's `_call`)."""
+
+    def __init__(self, drive_id: str, call: Callable[..., Awaitable[object]],
+                 inflight: int) -> None:
+        self.call = call
+        self.below = trio.Lock()
+        self.fetcher = Fetcher(drive_id, inflight)
+
+    async def _below(self, fn: Callable[..., T], *args: object) -> T:
+        async with self.below:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def _top(self, top: Image, op: str, offset: int, length: int,
+                   fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the top under the engine lock; in the thread if op may block."""
+        result = await self.call(top.may_block(op, offset, length), fn, *args)
+        return result  # type: ignore[return-value]
+
+    # -- status -----------------------------------------------------------------------
+    async def status(self, top: Image, offset: int, length: int, base: Image | None
+                     ) -> tuple[int, int | None, Status]:
+        """chain_status(top, ...) with the top under the engine lock, the rest below."""
+        ext = await self._top(top, "status", offset, length, top.layer_status, offset, length)
+        if ext.status is not Status.UNALLOCATED:
+            return ext.length, 0, ext.status
+        below = top.backing
+        if below is None or below is base:
+            return ext.length, None, Status.ZERO if base is None else Status.UNALLOCATED
+        run, depth, status = await self._below(
+            partial(chain_status, below, base=base), offset, ext.length)
+        return run, None if depth is None else depth + 1, status
+
+    # -- reads --------------------------------------------------------------------------
+    async def _fill(self, buf: memoryview, start: int, pieces: list[Piece]) -> None:
+        """Put the view of the pieces into buf (buf[0] is offset start); zeroes stay."""
+        async def one(p: Piece) -> None:
+            lo = p.offset - start
+            if p.source is not None:
+                buf[lo:lo + p.length] = await self.fetcher.fetch(p.source, p.host, p.length)
+            else:
+                assert p.layer is not None
+                buf[lo:lo + p.length] = await self._below(p.layer.read, p.offset, p.length)
+
+        async with trio.open_nursery() as nursery:
+            for p in pieces:
+                if p.layer is not None and not p.zero:
+                    nursery.start_soon(one, p)
+
+    async def read_below(self, top: Image, offset: int, length: int) -> bytes:
+        """The view of the chain below the top over the range (zeroes past its end)."""
+        buf = bytearray(length)
+        below = top.backing
+        pos, end = offset, offset + length
+        while below is not None and pos < min(end, below.virtual_size):
+            pieces = await self._below(read_plan, below, pos, end - pos)
+            if not pieces:
+                break
+            await _first_error(self._fill(memoryview(buf)[pos - offset:], pos, pieces))
+            pos = pieces[-1].offset + pieces[-1].length
+        return bytes(buf)
+
+    async def read(self, top: Image, offset: int, length: int) -> bytes:
+        """The guest view of the range: the top's runs from the top, the rest from below."""
+        out = bytearray()
+        pos, end = offset, offset + length
+        while pos < end:
+            ext = await self._top(top, "status", pos, end - pos, top.layer_status, pos, end - pos)
+            n = ext.length
+            if ext.status is Status.UNALLOCATED:
+                out += await self.read_below(top, pos, n)
+            else:
+                out += await self._top(top, "read", pos, n, top.read, pos, n)
+            pos += n
+        return bytes(out)
+
+    # -- copies ---------------------------------------------------------------------------
+    async def copy_up(self, top: Image, start: int, end: int, base: Image | None,
+                      zeroes: bool, pieces_out: list[tuple[int, bytes]] | None = None) -> int:
+        """Copy into the top what it lacks in [start, end) (top-cluster aligned, held
+        under the range lock by the caller) and a layer above base holds; zero runs of
+        such layers only with zeroes. The bytes copied; pieces_out gets the data."""
+        below_base = set() if base is None else {id(i) for i in iter_chain(base)}
+        cs = max(top.cluster_size, 512)
+        copied = 0
+        pos = start
+        while pos < end:
+            ext = await self._top(top, "status", pos, end - pos, top.layer_status, pos, end - pos)
+            n = ext.length
+            if ext.status is not Status.UNALLOCATED or top.backing is None:
+                pos += n
+                continue
+            t0 = time.monotonic()
+            below = top.backing
+            stop = min(pos + n, below.virtual_size)
+            pieces: list[Piece] = []
+            p = pos
+            while p < stop:
+                more = await self._below(read_plan, below, p, stop - p)
+                if not more:
+                    break
+                pieces += more
+                p = more[-1].offset + more[-1].length
+
+            def needed(pc: Piece) -> bool:
+                if pc.layer is None or id(pc.layer) in below_base:
+                    return False
+                return zeroes or not pc.zero
+
+            copied += await self._write_clusters(top, pos, pos + n, cs, pieces, needed,
+                                                 pieces_out)
+            self.fetcher.step_done(n, time.monotonic() - t0)
+            pos += n
+        return copied
+
+    async def _write_clusters(self, top: Image, a: int, b: int, cs: int, pieces: list[Piece],
+                              needed: Callable[[Piece], bool],
+                              pieces_out: list[tuple[int, bytes]] | None) -> int:
+        """Write the top clusters of [a, b) that a needed piece touches, grouped in runs:
+        zero runs as zeroes, the others as data of the whole clusters."""
+        size = top.virtual_size
+        runs: list[list[int]] = []  # [first, end, has_data]
+        for pc in pieces:
+            if not needed(pc):
+                continue
+            c0 = pc.offset // cs * cs
+            c1 = min(-(-(pc.offset + pc.length) // cs) * cs, b, size)
+            is_data = 0 if pc.zero else 1
+            if runs and c0 <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], c1)
+                runs[-1][2] |= is_data
+            else:
+                runs.append([max(c0, a), c1, is_data])
+        copied = 0
+        for r0, r1, has_data in runs:
+            if not has_data and all(pc.zero or pc.layer is None for pc in _within(pieces, r0, r1)):
+                await self._top(top, "zeroes", r0, r1 - r0,
+                                partial(top.write_zeroes, unmap=False), r0, r1 - r0)
+            else:
+                buf = bytearray(r1 - r0)
+                await _first_error(self._fill(memoryview(buf), r0, _within(pieces, r0, r1)))
+                data = bytes(buf)
+                await self._top(top, "write", r0, len(data), top.write, r0, data)
+                if pieces_out is not None:
+                    pieces_out.append((r0, data))
+            copied += r1 - r0
+        return copied
+
+
+def _within(pieces: list[Piece], a: int, b: int) -> list[Piece]:
+    """The pieces cut to [a, b)."""
+    out = []
+    for p in pieces:
+        lo, hi = max(p.offset, a), min(p.offset + p.length, b)
+        if lo < hi:
+            out.append(Piece(lo, hi - lo, p.layer, p.zero, p.source, p.host + (lo - p.offset)))
+    return out
+
+
+async def _first_error(aw: Awaitable[None]) -> None:
+    """Await aw; an exception group of OSErrors from its nursery becomes its first one."""
+    try:
+        await aw
+    except BaseExceptionGroup as eg:
+        err = eg.subgroup(OSError)
+        if err is None:
+            raise
+        first: BaseException = err
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
