@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vdisk-rev", default=None, metavar="REV",
                    help="benchmark vdisk as committed at git REV (default: the working tree)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--no-remote", action="store_true",
+                   help="skip the remote-base figures (NBD with nbdkit's delay, HTTP with nginx)")
     args = p.parse_args(argv)
     size = args.size or ((64 << 20) if args.quick else (1 << 30))
     runtime = args.runtime or (2.0 if args.quick else 10.0)
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         bench = Bench(chain, settings)
-        ref = bench.run_all()
+        ref = bench.run_all(remote=not args.no_remote,
+                            remote_size=(16 << 20) if args.quick else (256 << 20))
     except KeyboardInterrupt:
         print("bench: interrupted; cleaned up", file=sys.stderr)
         return 130

@@ -36,6 +36,11 @@ FIGURES = [
     Figure("hwm_after_stream_mib", "peak RSS (VmHWM) after stream", "MiB", "lower"),
     Figure("rss_sparse_mib", "RSS serving 2 TiB sparse", "MiB", "lower"),
     Figure("hwm_sparse_mib", "peak RSS (VmHWM) serving 2 TiB sparse", "MiB", "lower"),
+    Figure("nbd_stream_s", "stream over NBD, 20 ms a read (256 MiB)", "s", "lower"),
+    Figure("http_stream_s", "stream over HTTP, nginx (256 MiB)", "s", "lower"),
+    Figure("http_cor_read_mbps", "copy-on-read first touch over HTTP, seq 1M", "MiB/s",
+           "higher", True),
+    Figure("rss_after_remote_stream_mib", "RSS after the NBD stream", "MiB", "lower"),
 ]
 
 
@@ -74,6 +79,13 @@ def targets(figs: dict[str, dict[str, Any]], ref: dict[str, Any]) -> list[dict[s
     add("vdisk p99 during stream / idle p99", figs["stream_p99_over_idle"]["vdisk"], 2.0, False)
     add("vdisk RSS serving 2 TiB sparse (MiB)", figs["rss_sparse_mib"]["vdisk"], 100.0, False)
     add("vdisk RSS after streaming (MiB)", figs["rss_after_stream_mib"]["vdisk"], 100.0, False)
+    if figs["nbd_stream_s"]["vdisk"] is not None:
+        add("NBD stream: qsd time / vdisk time", ratio(figs["nbd_stream_s"]["qsd"],
+                                                       figs["nbd_stream_s"]["vdisk"]), 10.0, True)
+        add("HTTP stream: qsd time / vdisk time", ratio(figs["http_stream_s"]["qsd"],
+                                                        figs["http_stream_s"]["vdisk"]), 1.0, True)
+        add("vdisk RSS after the NBD stream (MiB)",
+            figs["rss_after_remote_stream_mib"]["vdisk"], 100.0, False)
     return out
 
 

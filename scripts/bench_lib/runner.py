@@ -11,6 +11,7 @@ from typing import Any
 from bench_lib.chain import TOP_FRACTION, Chain, copy_chain, sparse_chain
 from bench_lib.fio import Job, run_fio
 from bench_lib.profile import sampled
+from bench_lib.remote import run_remote
 from bench_lib.sides import SIDES, Side
 from tests.helpers.commands import qemu_img, run
 from tests.helpers.qmp import QMP
@@ -213,7 +214,7 @@ class Bench:
         self.check_same_view(chain, "rebase")
         return took
 
-    def run_all(self) -> dict[str, Any]:
+    def run_all(self, remote: bool = True, remote_size: int = 256 * MiB) -> dict[str, Any]:
         ref: dict[str, Any] = {}
         for step in (self.main_io, self.cor_read, self.stream, self.stream_latency, self.sparse):
             for name in SIDES:
@@ -221,6 +222,11 @@ class Bench:
                 self.drop_copies()
         ref["qemu_img_rebase_s"] = self.rebase()
         self.drop_copies()
+        if remote:
+            for name, figs in run_remote(self.s.work / "remote", self.say, self.s.log,
+                                         remote_size).items():
+                self.results[name].update(figs)
+            self.drop_copies()
         return ref
 
     def drop_copies(self) -> None:
