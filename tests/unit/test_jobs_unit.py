@@ -99,6 +99,7 @@ class FakeDevice:
         self.new_backing: Any = "unchanged"
 
     io_busy = False
+    stream_step = 0
 
     async def block_status(self, offset: int, length: int, *, base: Any = None
                            ) -> tuple[int, int | None, Status]:

@@ -374,6 +374,12 @@ class BlockDevice:
                                 partial(chain_status, self.top, base=base), offset, length)
 
     @property
+    def stream_step(self) -> int:
+        """Bytes a stream step should take when nothing else runs: over a network chain,
+        the fetch window (requests kept in flight), else 0 (the job's own size)."""
+        return self.remote.fetcher.step if self.remote is not None else 0
+
+    @property
     def io_busy(self) -> bool:
         """True while a request holds or waits for a byte range (I/O in flight)."""
         return self._locks.busy

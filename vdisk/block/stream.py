@@ -50,6 +50,9 @@ class StreamDevice(Protocol):
     @property
     def io_busy(self) -> bool: ...
 
+    @property
+    def stream_step(self) -> int: ...
+
     async def block_status(self, offset: int, length: int, *, base: Image | None = None
                            ) -> tuple[int, int | None, Status]: ...
 
@@ -136,7 +139,9 @@ class StreamJob(Job):
         cluster = self.device.top.cluster_size
         quota = self._limiter.quota()
         if quota == 0:
-            return self._chunk if self.device.io_busy else self._idle_chunk
+            if self.device.io_busy:
+                return self._chunk
+            return max(self._idle_chunk, self.device.stream_step)
         return max(cluster, min(self._chunk, quota // cluster * cluster))
 
     async def _checkpoint(self) -> bool:
