@@ -47,6 +47,9 @@ class Image(abc.ABC):
     # True when the chain opener probed this image's format (no format given, no backing
     # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
     probed: bool = False
+    # True for an image read from a remote source (vdisk.engine.remote): read-only, no
+    # file descriptor, and any read of it may wait on the network.
+    remote: bool = False
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:

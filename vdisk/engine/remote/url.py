@@ -93,6 +93,23 @@ def is_remote_name(name: str) -> bool:
     return m is not None and name[m.end():].startswith("//") and m.group(1).lower() != "file"
 
 
+def resolve_under(parent: SourceSpec, name: str) -> str:
+    """The name a backing name of a remote image stands for: a URL or json: name as is; a
+    relative name relative to an http(s) parent's URL. A local path is refused (a remote
+    image must not make vdisk read local files), and so is a relative name under NBD
+    (QEMU: NBD exports have no directory)."""
+    if is_remote_name(name):
+        return name
+    where = f"backing file {redact(name)!r} of {parent.display}"
+    if name.startswith("/") or name.startswith("file:"):
+        raise ImageError(parent.display, f"{where} is a local file; a remote image may only "
+                                         "name remote backing files")
+    if parent.driver == "nbd":
+        raise ImageError(parent.display, f"{where} is relative, and an NBD export has no "
+                                         "directory to resolve it against")
+    return urllib.parse.urljoin(parent.url, name)
+
+
 def parse(name: str) -> SourceSpec:
     """The SourceSpec of a URL or json: backing name; ImageError(redacted name, reason)."""
     if name.startswith("json:"):
