@@ -369,11 +369,10 @@ class NbdSource:
                 self._slots.release()
             log.warning("%s: %s of %d bytes at %d failed (%s); retrying", self.url, what,
                         length, offset, reason)
-            pause = min(backoff, deadline - time.monotonic())
-            if pause <= 0:
+            if deadline - time.monotonic() <= backoff:  # no time left for another try
                 raise self._fail(errno.EIO, f"{what} of {length} bytes at {offset} "
                                  f"failed {tries} times, last: {reason}")
-            time.sleep(pause)
+            time.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _connection(self, deadline: float) -> _Connection:
@@ -404,11 +403,10 @@ class NbdSource:
             except (OSError, proto.NbdError) as e:
                 reason = _startup_reason(self._address, e, min(self._connect_timeout,
                                                                max(left, 0)))
-                pause = min(backoff, deadline - time.monotonic())
-                if pause <= 0:
+                if deadline - time.monotonic() <= backoff:
                     raise self._fail(errno.EIO, f"cannot reconnect: {reason}") from None
                 log.debug("%s: reconnecting failed (%s)", self.url, reason)
-                time.sleep(pause)
+                time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             if conn.export.size != self.size:
