@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from tests.helpers.chains import MiB, create
 from tests.helpers.commands import qemu_img, qemu_io, vdisk
-from tests.helpers.nginx import PASSWORD, USER, Nginx
+from tests.helpers.nginx import PASSWORD, USER, Nginx, make_ca
 from vdisk.engine.chain import chain_status, close_chain, iter_chain, open_chain
 from vdisk.engine.image import Status
 from vdisk.errors import ImageError, ReadOnlyError
@@ -202,3 +203,22 @@ def test_a_remote_image_may_not_name_a_local_file(site: tuple[Nginx, Path],
     top = _top(tmp_path, nginx.url("img/evil.qcow2"), "qcow2")
     with pytest.raises(ImageError, match="may only name remote backing files"):
         open_chain(str(top), read_only=True)
+
+
+@pytest.mark.slow
+def test_https_base_verified_by_the_ca_in_ssl_cert_file(tmp_path: Path) -> None:
+    """The CLI over https: refused with the system store, read with SSL_CERT_FILE naming
+    the CA (OpenSSL's variable, which the default context honours)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    create(root / "base.raw", "1M", fmt="raw")
+    qemu_io(root / "base.raw", "write -P 0x51 0 1M", fmt="raw")
+    ca, cert, key = make_ca(tmp_path / "pki")
+    with Nginx(tmp_path, root, tls=(cert, key)) as n:
+        top = _top(tmp_path, n.url("img/base.raw"), "raw")
+        res = vdisk("info", "--backing-chain", top, check=False)
+        assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
+        assert "certificate does not verify" in res.stderr and n.url("img/base.raw") in res.stderr
+        env = {**os.environ, "SSL_CERT_FILE": str(ca)}
+        res = vdisk("info", "--backing-chain", top, env=env)
+        assert f"image: {n.url('img/base.raw')}" in res.stdout
