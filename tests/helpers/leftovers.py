@@ -20,7 +20,7 @@ from vdisk.service.mounts import force_unmount
 SESSION_ENV = "VDISK_TEST_SESSION"
 # programs a session starts that hold images, mounts or sockets (matched on argv[0..2])
 DAEMONS = ("vdisk", "qemu-storage-daemon", "qemu-nbd", "qemu-io", "faulty_fs.py", "slow_fs.py",
-           "torture.py", "torture_lib.worker", "bench.py", "nbdkit", "nbd-server")
+           "torture.py", "torture_lib.worker", "bench.py", "nbdkit", "nbd-server", "nginx")
 
 
 @dataclass(frozen=True)

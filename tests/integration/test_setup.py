@@ -183,7 +183,7 @@ def test_packages_cover_the_tools_and_the_test_ones_stay_out_of_run() -> None:
     for tool in ("mkfs.ext4", "losetup", "mount", "umount", "fusermount3", "qemu-img",
                  "qemu-io"):
         assert _package_of(tool) in run, tool
-    for tool in ("qemu-storage-daemon", "fio", "socat"):
+    for tool in ("qemu-storage-daemon", "fio", "socat", "nginx", "openssl"):
         assert _package_of(tool) in test and _package_of(tool) not in run, tool
     assert not set(run) & set(test)
 

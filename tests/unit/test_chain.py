@@ -247,8 +247,6 @@ def test_depth_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("backing", "match"),
     [
-        ('json:{"file":{"driver":"file","filename":"b.raw"}}', "json:"),
-        ("nbd://127.0.0.1:1/x", "protocol 'nbd:'"),
         ("fifo", "FIFO"),
         ("/dev/zero", "device"),
         ("dir", "directory"),
@@ -262,6 +260,28 @@ def test_bad_backing_names_in_headers(tmp_path: Path, backing: str, match: str) 
     fds = open_fds()
     with pytest.raises(ChainError, match=match):
         open_chain(str(top), read_only=True)
+    assert open_fds() == fds
+
+
+@pytest.mark.parametrize(
+    ("backing", "path", "match"),
+    [
+        ('json:{"file":{"driver":"file","filename":"b.raw"}}',
+         'json:{"file":{"driver":"file","filename":"b.raw"}}',
+         "protocol driver 'file' is not supported"),
+        ("nbd://127.0.0.1:1/x", "nbd://127.0.0.1:1/x", "connection refused"),
+        ("ftp://u:pw@h/x", "ftp://h/x", "unknown scheme 'ftp'"),
+    ],
+)
+def test_remote_backing_names_that_cannot_open(tmp_path: Path, backing: str, path: str,
+                                               match: str) -> None:
+    """Remote names fail with the (redacted) name and the reason, nothing left open."""
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, "1M", cwd=tmp_path)
+    fds = open_fds()
+    with pytest.raises(ImageError, match=match) as e:
+        open_chain(str(top), read_only=True)
+    assert e.value.path == path
     assert open_fds() == fds
 
 

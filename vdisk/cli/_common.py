@@ -16,6 +16,7 @@ from vdisk.engine.chain import (
     probe_servable,
 )
 from vdisk.engine.image import Image
+from vdisk.engine.remote.url import redact
 from vdisk.errors import LockError, VdiskError
 
 _SUFFIXES = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
@@ -73,7 +74,7 @@ def layer_names(top: Image, given: str) -> list[str]:
     img = top
     while img.backing is not None and img.backing_name:
         full = path_combine(names[-1], img.backing_name)
-        names.append(full[len("file:"):] if full.startswith("file:") else full)
+        names.append(full[len("file:"):] if full.startswith("file:") else redact(full))
         img = img.backing
     return names
 

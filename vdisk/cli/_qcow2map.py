@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 _OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 _COMPRESSED = 1 << 62
@@ -19,9 +20,11 @@ _EXTENDED_L2 = 1 << 4
 class HostMapper:
     """Reads L1/L2 tables of one qcow2 file to find host offsets of guest ranges."""
 
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        head = os.pread(self._fd, 104, 0)
+    def __init__(self, path: str, pread: Callable[[int, int], bytes] | None = None) -> None:
+        """pread(length, offset) reads the file instead (a remote image's source)."""
+        self._fd = -1 if pread is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pread = pread or (lambda n, off: os.pread(self._fd, n, off))
+        head = self._pread(104, 0)
         version, = struct.unpack_from(">I", head, 4)
         self.cluster_bits, = struct.unpack_from(">I", head, 20)
         self.cluster_size = 1 << self.cluster_bits
@@ -30,7 +33,7 @@ class HostMapper:
         self.extended = bool(incompat & _EXTENDED_L2)
         self._entry = 16 if self.extended else 8
         self._l2_entries = self.cluster_size // self._entry
-        raw_l1 = os.pread(self._fd, 8 * l1_size, self._l1_offset)
+        raw_l1 = self._pread(8 * l1_size, self._l1_offset)
         self._l1 = list(struct.unpack_from(f">{len(raw_l1) // 8}Q", raw_l1))
         self._l2: dict[int, bytes] = {}
 
@@ -49,7 +52,7 @@ class HostMapper:
             return None
         table = self._l2.get(l2_off)
         if table is None:
-            table = os.pread(self._fd, self.cluster_size, l2_off)
+            table = self._pread(self.cluster_size, l2_off)
             if len(self._l2) > 64:
                 self._l2.clear()
             self._l2[l2_off] = table

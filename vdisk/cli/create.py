@@ -15,6 +15,8 @@ from vdisk.engine.chain import (
     resolve_backing,
 )
 from vdisk.engine.raw import SECTOR, create_raw, round_up
+from vdisk.engine.remote.images import open_remote
+from vdisk.engine.remote.url import is_remote_name, parse, redact
 from vdisk.errors import ImageError
 
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
@@ -69,6 +71,17 @@ def _backing(args: argparse.Namespace, path: str) -> tuple[str | None, int | Non
     bfmt = args.backing_format
     if bfmt is not None and bfmt not in FORMATS:
         raise UsageError(f"invalid backing format {bfmt!r} (use qcow2 or raw)")
+    if is_remote_name(name):
+        spec = parse(name)  # a URL or json: name: must parse, even with -u
+        if args.unsafe:
+            if bfmt is None:
+                raise UsageError("-u needs the backing format (-F)")
+            return bfmt, None
+        img = open_remote(spec, bfmt, "give -F raw to use it as a raw backing file")
+        try:
+            return img.format_name, img.virtual_size
+        finally:
+            img.close()
     if args.unsafe:
         plain_backing_name(args.file, name)
         if bfmt is None:
@@ -120,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         create_qcow2(path, size, backing_name=args.backing, backing_format=bfmt, **kw)
     except ValueError as e:
         raise ImageError(args.file, str(e)) from None
-    extra = f" backing_file={args.backing} backing_fmt={bfmt}" if args.backing else ""
+    extra = f" backing_file={redact(args.backing)} backing_fmt={bfmt}" if args.backing else ""
     print(f"Formatting '{args.file}', fmt=qcow2 size={size}{extra}")
     return 0
 

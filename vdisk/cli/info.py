@@ -10,6 +10,7 @@ from typing import Any
 from vdisk.cli._common import add_owner_check_option, layer_names, open_top, size_to_str
 from vdisk.engine.chain import close_chain, iter_chain, path_combine
 from vdisk.engine.image import Image
+from vdisk.engine.remote.url import redact
 
 _BACKING_KEYS = ("backing-filename", "full-backing-filename", "backing-filename-format")
 
@@ -20,9 +21,9 @@ def layer_info(img: Image, name: str) -> dict[str, Any]:
     info["filename"] = name
     for key in _BACKING_KEYS:
         info.pop(key, None)
-    if img.backing_name:
-        info["backing-filename"] = img.backing_name
-        info["full-backing-filename"] = path_combine(name, img.backing_name)
+    if img.backing_name:  # (a URL's user:password@ is never shown)
+        info["backing-filename"] = redact(img.backing_name)
+        info["full-backing-filename"] = redact(path_combine(name, img.backing_name))
         if img.backing_format:
             info["backing-filename-format"] = img.backing_format
     return info

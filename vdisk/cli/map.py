@@ -17,6 +17,7 @@ from vdisk.cli._common import (
 from vdisk.cli._qcow2map import HostMapper
 from vdisk.engine.chain import close_chain
 from vdisk.engine.image import Image, Status
+from vdisk.engine.qcow2 import Qcow2Image
 
 
 @dataclass
@@ -80,7 +81,8 @@ def raw_entries(top: Image, names: list[str], start: int, end: int) -> Iterator[
             else:
                 mapper = mappers.get(depth)
                 if mapper is None:
-                    mapper = mappers[depth] = HostMapper(img.path)
+                    remote = img.f.pread if img.remote and isinstance(img, Qcow2Image) else None
+                    mapper = mappers[depth] = HostMapper(img.path, remote)
                 n, host = mapper.host_run(off, n)
             yield MapEntry(off, n, depth, present, zero, data, host, names[depth])
             off += n

@@ -28,6 +28,8 @@ from vdisk.engine.access import Creds, Denied, checked_stat, creds_of
 from vdisk.engine.image import Image, Status
 from vdisk.engine.probe import QCOW2_MAGIC, damaged_qcow2, detect_format, named_format, read_head
 from vdisk.engine.raw import file_kind, open_raw
+from vdisk.engine.remote.images import open_remote
+from vdisk.engine.remote.url import SourceSpec, is_remote_name, parse, redact, resolve_under
 from vdisk.errors import ChainError, ImageError, UnsupportedImageError
 
 FORMATS = ("qcow2", "raw")
@@ -227,18 +229,25 @@ def open_chain(
     top.probed = fmt is None
     try:
         owners: list[Owner] = []
-        seen = {(st.st_dev, st.st_ino): path}
+        seen: dict[object, str] = {(st.st_dev, st.st_ino): path}
         cur: Image = top
-        cur_st = st
+        cur_st: os.stat_result | None = st  # None for a remote image
+        cur_spec: SourceSpec | None = None  # how a remote image was reached
         depth = 0
         while cur.backing_name:
-            if backing_owner_check:
+            if backing_owner_check and cur_st is not None:
                 owner = owner_of(cur_st, cur.path)
                 if owner is not None and owner.creds.uid not in {o.creds.uid for o in owners}:
                     owners.append(owner)
             depth += 1
             if depth > max_depth:
                 raise ChainError(cur.path, f"backing chain is deeper than {max_depth} images")
+            if cur_spec is not None or is_remote_name(cur.backing_name):
+                cur_spec, backing = _open_remote_backing(cur, cur_spec, owners, seen)
+                cur.backing = backing
+                cur, cur_st = backing, None
+                continue
+            assert cur.backing_name  # (mypy: the continue above loses the narrowing)
             bpath = backing_path(cur.path, cur.backing_name)
             checked = check_owners(cur.path, cur.backing_name, bpath, owners)
             check_plain_file(bpath, f"backing file {cur.backing_name!r} of {cur.path}")
@@ -270,6 +279,26 @@ def open_chain(
     except BaseException:
         close_chain(top)
         raise
+
+
+def _open_remote_backing(cur: Image, spec: SourceSpec | None, owners: Sequence[Owner],
+                         seen: dict[object, str]) -> tuple[SourceSpec, Image]:
+    """Open the backing file that cur names by URL or json: name (or, under a remote
+    image, by a name relative to its URL): its spec and the image, read-only."""
+    assert cur.backing_name is not None
+    name = cur.backing_name if spec is None else resolve_under(spec, cur.backing_name)
+    bspec = parse(name)
+    if bspec.socket_path is not None:  # connecting to a socket needs write permission
+        check_owners(cur.path, redact(cur.backing_name), bspec.socket_path, owners, os.W_OK)
+    if bspec.key in seen:
+        raise ChainError(cur.path, f"backing file {bspec.display!r} makes a loop: it is "
+                                   f"already in the chain")
+    seen[bspec.key] = bspec.display
+    hint = (f"name its format in {cur.path} (qemu-img rebase -u -F raw -b ...) to use it "
+            "as raw")
+    backing = open_remote(bspec, cur.backing_format, hint)
+    backing.probed = not cur.backing_format and bspec.format is None
+    return bspec, backing
 
 
 def iter_chain(top: Image) -> Iterator[Image]:

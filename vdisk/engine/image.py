@@ -50,8 +50,9 @@ class Image(abc.ABC):
     # True when the chain opener probed this image's format (no format given, no backing
     # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
     probed: bool = False
-    # True when the image is read through a network source (vdisk.engine.remote): its
-    # reads may wait on the network, and remote_location() says where its data lies.
+    # True for an image read from a remote source (vdisk.engine.remote): read-only, no
+    # file descriptor, any read of it may wait on the network, and remote_location() says
+    # where its data lies.
     remote: bool = False
 
     @abc.abstractmethod

@@ -7,5 +7,7 @@ from vdisk.engine.qcow2.create import create_qcow2
 from vdisk.engine.qcow2.header import is_qcow2
 from vdisk.engine.qcow2.image import Qcow2Image
 from vdisk.engine.qcow2.open import open_qcow2
+from vdisk.engine.qcow2.source import open_qcow2_source
 
-__all__ = ["CheckResult", "Qcow2Image", "check_qcow2", "create_qcow2", "is_qcow2", "open_qcow2"]
+__all__ = ["CheckResult", "Qcow2Image", "check_qcow2", "create_qcow2", "is_qcow2", "open_qcow2",
+           "open_qcow2_source"]

@@ -5,8 +5,22 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 from vdisk.engine import blocking
+
+
+class Reader(Protocol):
+    """What an image file can be read through instead of an fd: a remote source
+    (vdisk.engine.remote). Read-only: the file then has no fd (fd == -1)."""
+
+    size: int
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Exactly length bytes; zeroes past size."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class ImageFile:
@@ -19,10 +33,11 @@ class ImageFile:
     entries do (`barrier(data=True)`). In-place overwrites never set it.
     """
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, reader: Reader | None = None) -> None:
         self.fd = fd
         self.path = path
-        self.size = os.fstat(fd).st_size
+        self.reader = reader  # when set, reads go through it and fd is -1
+        self.size = reader.size if reader is not None else os.fstat(fd).st_size
         self.unsynced = False
         self.named_data = False
         self.syncs = 0
@@ -32,6 +47,8 @@ class ImageFile:
 
     def pread(self, length: int, offset: int) -> bytes:
         """Exactly length bytes; zeroes past EOF."""
+        if self.reader is not None:
+            return self.reader.pread(length, offset)
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
@@ -39,6 +56,9 @@ class ImageFile:
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill buf from offset; bytes past EOF read as zeroes."""
+        if self.reader is not None:
+            buf[:] = self.reader.pread(len(buf), offset)
+            return
         done = 0
         n = len(buf)
         while done < n:

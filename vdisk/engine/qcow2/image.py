@@ -52,7 +52,7 @@ from vdisk.engine.qcow2.alloc import Allocator
 from vdisk.engine.qcow2.cache import L2Cache
 from vdisk.engine.qcow2.cluster import ClusterMap
 from vdisk.engine.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
-from vdisk.engine.qcow2.fileio import ImageFile
+from vdisk.engine.qcow2.fileio import ImageFile, Reader
 from vdisk.engine.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_CORRUPT,
@@ -106,11 +106,12 @@ class Qcow2Image(Image):
     format_name = "qcow2"
 
     def __init__(self, path: str, fd: int, hdr: Header, read_only: bool,
-                 l2_cache_bytes: int = 4 << 20, refblock_cache_bytes: int = 2 << 20) -> None:
+                 l2_cache_bytes: int = 4 << 20, refblock_cache_bytes: int = 2 << 20,
+                 reader: Reader | None = None) -> None:
         self.path = path
         self.read_only = read_only
         self.hdr = hdr
-        self.f = ImageFile(fd, path)
+        self.f = ImageFile(fd, path, reader)
         self.virtual_size = hdr.size
         self.cluster_bits = cb = hdr.cluster_bits
         self.cluster_size = cs = 1 << cb
@@ -285,7 +286,7 @@ class Qcow2Image(Image):
             if len(runs) == 1:  # one run: no staging buffer, no copy
                 kind, host = runs[0].kind, runs[0].host
                 if kind == DATA and host + length <= self.f.size:
-                    data = os.pread(self.f.fd, length, host)
+                    data = self.f.pread(length, host)
                     if len(data) == length:
                         return data
                 elif kind == ZEROES or (kind == UNALLOC and self.backing is None):
@@ -319,7 +320,7 @@ class Qcow2Image(Image):
         host = off + (offset & (self.cluster_size - 1))
         if host + length > self.f.size:
             return None
-        data = os.pread(self.f.fd, length, host)
+        data = self.f.pread(length, host)
         return data if len(data) == length else None
 
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -461,8 +462,11 @@ class Qcow2Image(Image):
     def fileno(self) -> int:
         return self.f.fd
 
+    def _actual_size(self) -> int | None:
+        """Bytes the file takes on disk (None: unknown, for a remote file)."""
+        return os.fstat(self.f.fd).st_blocks * 512
+
     def info(self) -> dict[str, Any]:
-        st = os.fstat(self.f.fd)
         data: dict[str, Any]
         ctype = COMPRESSION_NAMES.get(self.compression_type, "zlib")
         if self.version >= 3:
@@ -475,9 +479,11 @@ class Qcow2Image(Image):
                     "refcount-bits": self.refcount_bits}
         out: dict[str, Any] = {
             "virtual-size": self.virtual_size, "filename": self.path, "cluster-size":
-            self.cluster_size, "format": "qcow2", "actual-size": st.st_blocks * 512,
+            self.cluster_size, "format": "qcow2", "actual-size": self._actual_size(),
             "format-specific": {"type": "qcow2", "data": data}, "dirty-flag": self.dirty,
         }
+        if out["actual-size"] is None:
+            del out["actual-size"]
         if self.backing_name is not None:
             out["backing-filename"] = self.backing_name
             if self.backing_format:
