@@ -288,7 +288,7 @@ class Daemon:
 
     async def _run(self, receiver: Any) -> None:
         """Open, mount and serve until asked to stop (run without the mount point set-up)."""
-        self._open_drives()
+        await trio.to_thread.run_sync(self._open_drives)  # may sync, or connect to servers
         mounted = False
         try:
             fuse_hook.install()

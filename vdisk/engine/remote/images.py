@@ -64,6 +64,14 @@ class RemoteRawImage(Image):
     def read_into(self, offset: int, buf: memoryview) -> None:
         buf[:] = self.read(offset, len(buf))
 
+    def may_block(self, op: str, offset: int, length: int) -> bool:
+        return True  # every call may wait on the network (block status too)
+
+    def remote_location(self, offset: int, length: int) -> tuple[RemoteSource, int, int] | None:
+        if offset < 0 or length <= 0 or offset >= self.source.size:
+            return None
+        return self.source, offset, min(length, self.source.size - offset)
+
     def _refuse(self) -> ReadOnlyError:
         return ReadOnlyError(self.path, "a remote image is read-only")
 

@@ -265,7 +265,12 @@ def _json_protocol(name: str, opts: dict[str, Any], fmt: str | None) -> SourceSp
 
 
 def _json_nbd(name: str, o: dict[str, Any]) -> SourceSpec:
-    kw: dict[str, Any] = {}  # reconnect-delay, open-timeout: accepted, vdisk's own apply
+    kw: dict[str, Any] = {}  # open-timeout: accepted, vdisk's own applies
+    if "reconnect-delay" in o:  # QEMU: how long requests wait for a lost server; here the
+        t = _int(name, "reconnect-delay", o["reconnect-delay"])  # read deadline
+        if t < 0 or t > TIMEOUT_MAX:
+            raise _bad(name, f"reconnect-delay {t} is out of range (0 to {TIMEOUT_MAX} s)")
+        kw["timeout"] = float(t) if t else None
     export = o.get("export", "")
     if not isinstance(export, str):
         raise _bad(name, "option 'export' must be a string")

@@ -1,0 +1,230 @@
+"""Serving and streaming overlays of a remote base (issue 11, sections 3 to 5).
+
+Real servers started here: qemu-nbd and nbdkit on UNIX sockets. Each test judges the
+top with qemu-img (compare with the base, check) after vdisk stops.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.commands import assert_clean, qemu_img, qemu_info
+from tests.helpers.daemon import serving
+from tests.helpers.nbd_servers import Server, nbdkit, qemu_nbd
+from tests.helpers.polling import wait_until
+from tests.helpers.qmp import QMP
+
+pytestmark = [pytest.mark.root]
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+
+
+def _base(tmp: Path, size: int = SIZE) -> Path:
+    base = tmp / "base.raw"
+    base.write_bytes(os.urandom(size))
+    return base
+
+
+def _overlay(tmp: Path, backing: str, size: int = SIZE) -> Path:
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, size)
+    return top
+
+
+def _nbd_json(sock: Path, timeout: int) -> str:
+    """A json: backing name for the export 'exp' on sock, with a read deadline."""
+    return "json:" + json.dumps({"driver": "raw", "file": {
+        "driver": "nbd", "server": {"type": "unix", "path": str(sock)}, "export": "exp",
+        "reconnect-delay": timeout}})
+
+
+def _p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * 0.99))]
+
+
+def _timed_reads(fd: int, page: mmap.mmap, offsets: list[int]) -> list[float]:
+    out = []
+    for off in offsets:
+        t0 = time.monotonic()
+        assert os.preadv(fd, [page], off) == 4096
+        out.append(time.monotonic() - t0)
+    return out
+
+
+def _compare(top: Path, base: Path) -> None:
+    qemu_img("compare", "-q", "-f", "qcow2", "-F", "raw", top, base)
+
+
+def test_a_stalled_server_stalls_neither_reads_the_top_holds_nor_qmp(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    sock = tmp_path / "nbd.sock"
+    srv = qemu_nbd(base, "raw", sock=sock)
+    try:
+        top = _overlay(tmp_path, _nbd_json(sock, 3))
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=on") as vd:
+            fd = os.open(vd.path("d0"), os.O_RDWR | os.O_DIRECT)
+            page = mmap.mmap(-1, 4096)
+            q = QMP(vd.qmp_path)
+            try:
+                # the first 8 MiB come into the top (copy-on-read), the rest stays remote
+                for off in range(0, 8 * MiB, MiB):
+                    os.preadv(fd, [mmap.mmap(-1, MiB)], off)
+                offsets = [(i * 7919 * 4096) % (8 * MiB) for i in range(400)]
+                idle = _timed_reads(fd, page, offsets)
+                os.kill(srv.pid, signal.SIGSTOP)  # the server hangs, connections stay open
+                failed: list[BaseException] = []
+                took: list[float] = []
+
+                def remote_read() -> None:
+                    t0 = time.monotonic()
+                    try:
+                        os.preadv(fd, [mmap.mmap(-1, 4096)], 20 * MiB)
+                    except OSError as e:
+                        failed.append(e)
+                    took.append(time.monotonic() - t0)
+
+                t = threading.Thread(target=remote_read)
+                t.start()
+                time.sleep(0.3)  # the remote read is waiting on the server now
+                stalled = _timed_reads(fd, page, offsets)
+                t0 = time.monotonic()
+                q.ok("query-block")
+                qmp_s = time.monotonic() - t0
+                t.join(30)
+                os.kill(srv.pid, signal.SIGCONT)
+                assert failed and isinstance(failed[0], OSError), failed
+                assert failed[0].errno == 5  # EIO, after the deadline
+                assert 2.5 < took[0] < 15, took
+                assert qmp_s < 0.5, qmp_s
+                assert _p99(stalled) <= 2 * _p99(idle) + 0.001, (_p99(idle), _p99(stalled))
+                # the server is back: the same read now works
+                assert os.preadv(fd, [page], 20 * MiB) == 4096
+                assert page[:] == base.read_bytes()[20 * MiB:20 * MiB + 4096]
+            finally:
+                q.q.close()
+                page.close()
+                os.close(fd)
+            assert vd.stop() == 0
+        assert "nbd+unix" in vd.stderr or str(sock) in vd.stderr  # the log names the URL
+        print(f"reads the top holds: p99 idle {_p99(idle) * 1e3:.2f} ms, with the server "
+              f"stalled {_p99(stalled) * 1e3:.2f} ms; the remote read failed after "
+              f"{took[0]:.1f} s; query-block {qmp_s * 1e3:.1f} ms")
+        assert_clean(top)  # (qemu-img opens the backing file too: the server still runs)
+    finally:
+        try:
+            os.kill(srv.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        srv.stop()
+
+
+def _stream(q: QMP, **args: object) -> None:
+    q.ok("block-stream", device="d0", **args)
+
+
+def _final(q: QMP, timeout: float = 120) -> dict[str, object]:
+    ev = q.next_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", timeout=timeout)
+    assert ev is not None, q.events
+    return ev
+
+
+@pytest.mark.slow
+def test_stream_pauses_on_error_stop_and_resumes_when_the_server_is_back(tmp_path: Path
+                                                                          ) -> None:
+    base = _base(tmp_path)
+    sock = tmp_path / "nbd.sock"
+    srv: Server = qemu_nbd(base, "raw", sock=sock)
+    top = _overlay(tmp_path, _nbd_json(sock, 2))
+    try:
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as vd:
+            q = QMP(vd.qmp_path)
+            try:
+                _stream(q, speed=8 * MiB, **{"on-error": "stop"})
+                wait_until(lambda: (q.job("d0") or {}).get("offset", 0) > 2 * MiB, timeout=30)
+                srv.stop(signal.SIGKILL)  # gone mid-stream
+                ev = q.next_event("BLOCK_JOB_ERROR", timeout=30)
+                assert ev is not None and ev["data"]["action"] == "stop", q.events
+                wait_until(lambda: (q.job("d0") or {}).get("paused") is True, timeout=10)
+                srv = qemu_nbd(base, "raw", sock=sock)  # back, on the same socket
+                q.ok("block-job-set-speed", device="d0", speed=0)
+                q.ok("block-job-resume", device="d0")
+                ev = _final(q)
+                assert ev["event"] == "BLOCK_JOB_COMPLETED" and "error" not in ev["data"], ev
+            finally:
+                q.q.close()
+            assert vd.stop() == 0
+    finally:
+        srv.stop()
+    assert "backing-filename" not in qemu_info(top)
+    _compare(top, base)
+    assert_clean(top)
+
+
+@pytest.mark.slow
+def test_stream_reports_and_keeps_the_backing_file_when_the_server_stays_down(
+        tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    sock = tmp_path / "nbd.sock"
+    srv = qemu_nbd(base, "raw", sock=sock)
+    top = _overlay(tmp_path, _nbd_json(sock, 2))
+    try:
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as vd:
+            q = QMP(vd.qmp_path)
+            try:
+                _stream(q, speed=8 * MiB)
+                wait_until(lambda: (q.job("d0") or {}).get("offset", 0) > 2 * MiB, timeout=30)
+                srv.stop(signal.SIGKILL)
+                ev = _final(q)
+                assert ev["event"] == "BLOCK_JOB_COMPLETED" and ev["data"].get("error"), ev  # type: ignore[union-attr]
+            finally:
+                q.q.close()
+            assert vd.stop() == 0
+    finally:
+        srv.stop()
+    assert qemu_info(top)["backing-filename"].startswith("json:")
+    srv = qemu_nbd(base, "raw", sock=sock)
+    try:
+        assert_clean(top)
+        _compare(top, base)  # what was copied is the base's data; the rest reads through
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_stream_from_nbdkit_with_injected_errors_and_latency_completes(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    errfile = tmp_path / "errors-on"
+    errfile.touch()
+    srv, sock = nbdkit(base, tmp_path, "-r", "-e", "exp", "--filter=error", "--filter=delay",
+                       "file", "PATH", "rdelay=20ms", "error-rate=30%",
+                       f"error-file={errfile}")
+    top = _overlay(tmp_path, _nbd_json(sock, 20))
+    try:
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as vd:
+            q = QMP(vd.qmp_path)
+            try:
+                t0 = time.monotonic()
+                _stream(q)
+                ev = _final(q)
+                took = time.monotonic() - t0
+                assert ev["event"] == "BLOCK_JOB_COMPLETED" and "error" not in ev["data"], ev
+            finally:
+                q.q.close()
+            assert vd.stop() == 0
+    finally:
+        srv.stop()
+    # sequentially, 32 MiB in 1 MiB reads at 20 ms each would take 0.64 s without errors
+    print(f"stream of {SIZE >> 20} MiB with 20 ms a read and 30% EIO: {took:.2f} s")
+    assert "backing-filename" not in qemu_info(top)
+    _compare(top, base)
+    assert_clean(top)
