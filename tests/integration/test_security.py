@@ -261,9 +261,6 @@ def odd_files(tmp_path: Path) -> Path:
 BAD_BACKING = [
     ('json:{"file": {"driver": "file", "filename": "base.raw"}}', "json:"),
     ("nbd:localhost:10809", "protocol 'nbd:'"),
-    ("nbd+unix:///exp?socket=/run/nbd.sock", "protocol 'nbd+unix:'"),
-    ("http://example.com/disk.img", "protocol 'http:'"),
-    ("https://example.com/disk.img", "protocol 'https:'"),
     ("ssh://host/disk.img", "protocol 'ssh:'"),
     ("iscsi://host/iqn.x/0", "protocol 'iscsi:'"),
     ("/dev/zero", "a device"),
@@ -327,6 +324,29 @@ def test_backing_that_is_not_a_plain_file_is_refused(
     if backing != "file:fifo":  # (in the daemon's directory, the name means another file)
         assert one_error_line(serve) == line
     no_leftovers(odd_files)
+
+
+REMOTE_DOWN = [  # remote names vdisk reads, whose servers are not there
+    ("nbd+unix:///exp?socket={dir}/no.sock", "nbd+unix:///exp?socket={dir}/no.sock"),
+    ("http://u:pw@127.0.0.1:1/disk.img", "http://127.0.0.1:1/disk.img"),
+    ("https://127.0.0.1:1/disk.img", "https://127.0.0.1:1/disk.img"),
+]
+
+
+@pytest.mark.parametrize(("backing", "shown"), REMOTE_DOWN, ids=[b for b, _ in REMOTE_DOWN])
+def test_remote_backing_that_does_not_answer_is_one_line(
+    odd_files: Path, backing: str, shown: str
+) -> None:
+    top = odd_files / "top.qcow2"
+    backing = backing.replace("{dir}", str(odd_files))
+    shown = shown.replace("{dir}", str(odd_files))
+    run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", top, "1M",
+        cwd=odd_files)
+    [info] = vdisk_all(odd_files, ["info", "--backing-chain", str(top)])
+    line = one_error_line(info)
+    assert line.startswith(f"vdisk: {shown}: ") and "u:pw" not in line, line
+    # (serve: not checked here yet; at e399f5c a chain that fails to open makes serve
+    # end in BlockingOnLoopError on close, for plain-file refusals too)
 
 
 @pytest.mark.slow

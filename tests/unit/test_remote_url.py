@@ -92,11 +92,13 @@ def test_redact() -> None:
 
 
 def test_is_remote_name() -> None:
-    for name in ("http://h/x", "HTTPS://h/x", "nbd://h/x", "nbd+unix:///?socket=/s",
-                 "json:{}", "ftp://h/x"):
+    for name in ("http://h/x", "https://h/x", "nbd://h/x", "nbd+tcp://h", "nbd+unix:///?socket=/s",
+                 'json:{"file.driver": "http"}', 'json:{"driver": "nbd"}',
+                 'json:{"driver": "qcow2", "file": {"filename": "https://h/x"}}'):
         assert is_remote_name(name), name
     for name in ("base.qcow2", "/srv/base.raw", "file:base.raw", "file:///x", "c:x",
-                 "dir/http://x"):
+                 "dir/http://x", "ftp://h/x", "ssh://h/x", "nbd:h:10809", "json:{}", "json:[",
+                 'json:{"file": {"driver": "file", "filename": "x"}}'):
         assert not is_remote_name(name), name
 
 

@@ -99,16 +99,16 @@ def plain_backing_name(owner: str, name: str) -> str:
         raise ChainError(owner, "empty backing file name")
     if name.startswith("json:"):
         raise ChainError(
-            owner, f"backing file name {name[:60]!r} is a json: pseudo-path; only plain files "
-            "are supported"
+            owner, f"backing file name {redact(name)[:60]!r} is a json: pseudo-path; only "
+            "plain files are supported"
         )
     m = _PROTOCOL.match(name)
     if m:
         if m.group(1) == "file":
             return name[len("file:"):]
         raise ChainError(
-            owner, f"backing file {name!r} uses the protocol '{m.group(1)}:'; only plain "
-            "files are supported"
+            owner, f"backing file {redact(name)!r} uses the protocol '{m.group(1)}:'; only "
+            "plain files are supported"
         )
     return name
 

@@ -86,11 +86,24 @@ def redact(text: str) -> str:
 
 
 def is_remote_name(name: str) -> bool:
-    """True when a backing name is a URL or json: name (parse() decides if it is good)."""
+    """True when a backing name names a remote image: a URL of a scheme vdisk reads, or a
+    json: name of the http, https or nbd driver (parse() decides if it is good). Other
+    protocols and json: names stay what the chain refuses as not plain files."""
     if name.startswith("json:"):
-        return True
+        try:
+            doc = json.loads(name[len("json:"):])
+        except ValueError:
+            return False
+        if not isinstance(doc, dict):
+            return False
+        flat: dict[str, Any] = {}
+        _flatten(doc, "", flat)
+        filename = flat.get("file.filename", flat.get("filename"))
+        return (flat.get("file.driver", flat.get("driver")) in DRIVERS
+                or "file.url" in flat
+                or (isinstance(filename, str) and is_remote_name(filename)))
     m = _SCHEME.match(name)
-    return m is not None and name[m.end():].startswith("//") and m.group(1).lower() != "file"
+    return m is not None and name[m.end():].startswith("//") and m.group(1) in _SCHEMES
 
 
 def resolve_under(parent: SourceSpec, name: str) -> str:
