@@ -4,9 +4,9 @@ A remote chain's data is fetched outside the device's locks (vdisk.engine.plan),
 slow or dead server holds up only the requests that need its data. Large pieces are
 cut into FETCH_PIECE requests that run concurrently, at most `inflight` at a time per
 device; a request for a range that an in-flight fetch already covers waits for that
-fetch instead of asking the server again. The window adapts: a stream step asks for
-`window` pieces, and the window doubles while that raises the throughput and halves
-when it does not.
+fetch instead of asking the server again. The window adapts to the latency: a stream
+step asks for `window` pieces, as many as the bandwidth-delay product of the measured
+latency at TARGET_RATE (a server 20 ms away: the whole `inflight`; loopback: 2).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from vdisk.engine.remote import RemoteSource
 
 log = logging.getLogger("vdisk.fetch")
 
-FETCH_PIECE = 1 << 20  # bytes per request to a server
+FETCH_PIECE = 512 << 10  # bytes per request to a server
+TARGET_RATE = 1 << 30  # bytes/s a window aims at: the bandwidth-delay product sizes it
 DEFAULT_INFLIGHT = 16  # requests in flight per device, at most
 LOG_EVERY = 10.0  # seconds between two log lines about the same failing source
 
@@ -45,25 +46,26 @@ class Fetcher:
         self._limiter = trio.CapacityLimiter(self.inflight)
         self._running: list[_InFlight] = []
         self._logged: dict[str, float] = {}
-        self.window = min(4, self.inflight)  # pieces per stream step
-        self._last_rate = 0.0
+        self._latency = 0.0  # seconds a request takes (moving average)
         self.requests = 0  # sent to servers (for tests and statistics)
         self.joined = 0  # answered by a fetch already in flight
 
-    async def fetch(self, source: RemoteSource, host: int, length: int) -> bytes:
-        """length bytes at host of source; OSError (naming the URL) if it cannot be had."""
-        if length <= FETCH_PIECE:
-            return await self._one(source, host, length)
-        parts: list[bytes] = [b""] * (-(-length // FETCH_PIECE))
+    async def fetch_into(self, buf: memoryview, source: RemoteSource, host: int) -> None:
+        """Fill buf from host of source, in FETCH_PIECE requests run concurrently; OSError
+        (naming the URL) if the data cannot be had."""
+        n = len(buf)
 
-        async def part(i: int) -> None:
-            off = i * FETCH_PIECE
-            parts[i] = await self._one(source, host + off, min(FETCH_PIECE, length - off))
+        async def part(off: int) -> None:
+            k = min(FETCH_PIECE, n - off)
+            buf[off:off + k] = await self._one(source, host + off, k)
 
+        if n <= FETCH_PIECE:
+            await part(0)
+            return
         try:
             async with trio.open_nursery() as nursery:
-                for i in range(len(parts)):
-                    nursery.start_soon(part, i)
+                for off in range(0, n, FETCH_PIECE):
+                    nursery.start_soon(part, off)
         except BaseExceptionGroup as eg:  # one error for the caller: the first read error
             err = eg.subgroup(OSError)
             if err is None:
@@ -72,7 +74,6 @@ class Fetcher:
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             raise first from None
-        return b"".join(parts)
 
     async def _one(self, source: RemoteSource, host: int, length: int) -> bytes:
         for f in self._running:
@@ -87,8 +88,10 @@ class Fetcher:
         self._running.append(f)
         self.requests += 1
         try:
+            t0 = time.monotonic()
             f.data = await trio.to_thread.run_sync(source.pread, length, host,
                                                    limiter=self._limiter)
+            self._latency = 0.8 * self._latency + 0.2 * (time.monotonic() - t0)
             return f.data
         except OSError as e:
             f.error = e
@@ -104,16 +107,10 @@ class Fetcher:
             self._logged[source.url] = now
             log.warning("%s: reading %s failed: %s", self.drive_id, source.url, e)
 
-    def step_done(self, nbytes: int, seconds: float) -> None:
-        """Adapt the window to the throughput of the last stream step."""
-        if nbytes <= 0 or seconds <= 0:
-            return
-        rate = nbytes / seconds
-        if rate > self._last_rate * 1.1:
-            self.window = min(self.window * 2, self.inflight)
-        elif rate < self._last_rate * 0.7:
-            self.window = max(1, self.window // 2)
-        self._last_rate = rate
+    @property
+    def window(self) -> int:
+        """Requests a stream step keeps in flight: the bandwidth-delay product."""
+        return max(2, min(self.inflight, round(self._latency * TARGET_RATE / FETCH_PIECE)))
 
     @property
     def step(self) -> int:

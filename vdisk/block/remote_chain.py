@@ -14,7 +14,6 @@ lock).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -73,7 +72,7 @@ class RemoteChain:
         async def one(p: Piece) -> None:
             lo = p.offset - start
             if p.source is not None:
-                buf[lo:lo + p.length] = await self.fetcher.fetch(p.source, p.host, p.length)
+                await self.fetcher.fetch_into(buf[lo:lo + p.length], p.source, p.host)
             else:
                 assert p.layer is not None
                 buf[lo:lo + p.length] = await self._below(p.layer.read, p.offset, p.length)
@@ -126,7 +125,6 @@ class RemoteChain:
             if ext.status is not Status.UNALLOCATED or top.backing is None:
                 pos += n
                 continue
-            t0 = time.monotonic()
             below = top.backing
             stop = min(pos + n, below.virtual_size)
             pieces: list[Piece] = []
@@ -145,7 +143,6 @@ class RemoteChain:
 
             copied += await self._write_clusters(top, pos, pos + n, cs, pieces, needed,
                                                  pieces_out)
-            self.fetcher.step_done(n, time.monotonic() - t0)
             pos += n
         return copied
 
@@ -175,10 +172,9 @@ class RemoteChain:
             else:
                 buf = bytearray(r1 - r0)
                 await _first_error(self._fill(memoryview(buf), r0, _within(pieces, r0, r1)))
-                data = bytes(buf)
-                await self._top(top, "write", r0, len(data), top.write, r0, data)
+                await self._top(top, "write", r0, len(buf), top.write, r0, buf)
                 if pieces_out is not None:
-                    pieces_out.append((r0, data))
+                    pieces_out.append((r0, bytes(buf)))
             copied += r1 - r0
         return copied
 
