@@ -14,6 +14,8 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
+from vdisk.engine.dirty_bitmap import BitmapSet
+
 
 class Status(enum.Enum):
     """What one layer says about a range, looking at that layer alone."""
@@ -47,6 +49,7 @@ class Image(abc.ABC):
     # True when the chain opener probed this image's format (no format given, no backing
     # format in the overlay); a probed raw image guards its first sector (vdisk/raw.py).
     probed: bool = False
+    bitmaps: BitmapSet | None = None  # dirty bitmaps (QMP block-dirty-bitmap-*), if any
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:
