@@ -50,6 +50,9 @@ def block_info(device: str, top: Image, read_only: bool) -> dict[str, Any]:
     }
     if top.backing_name is not None:
         inserted["backing_file"] = top.backing_name
+    bitmaps = top.bitmaps.info() if top.bitmaps is not None else []
+    if bitmaps:  # QEMU leaves the member out when there are none
+        inserted["dirty-bitmaps"] = bitmaps
     return {
         "device": device,
         "locked": False,

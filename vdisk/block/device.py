@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -363,6 +363,23 @@ class BlockDevice:
             if self.remote is not None:
                 return await self.remote.copy_up(self.top, start, end, base, zeroes)
             return await self._copy_up_locked(start, end, base, zeroes)
+
+    # -- dirty bitmaps of the top image (control/bitmaps.py) ------------------------
+
+    def dirty_bitmaps(self) -> list[dict[str, Any]]:
+        """QEMU's BlockDirtyInfo of every bitmap, newest first."""
+        return self.top.bitmaps.info() if self.top.bitmaps is not None else []
+
+    async def bitmap_op(self, op: str, *args: Any, **kwargs: Any) -> None:
+        """Run BitmapSet.<op> (add, remove, clear) on the top image in the worker thread:
+        it may write the image (in_use flags, the directory). Raises BitmapError."""
+        self._check_open()
+        bitmaps = self.top.bitmaps
+        if op not in ("add", "remove", "clear"):
+            raise ValueError(f"unknown bitmap operation {op!r}")
+        if bitmaps is None:
+            raise _oserror(errno.ENOTSUP, f"drive {self.drive_id} has no dirty bitmaps")
+        await self._threaded(partial(getattr(bitmaps, op), *args, **kwargs))
 
     async def block_status(self, offset: int, length: int, *, base: Image | None = None
                            ) -> tuple[int, int | None, Status]:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vdisk.engine.remote import RemoteSource
 
+from vdisk.engine.dirty_bitmap import BitmapSet
+
 
 class Status(enum.Enum):
     """What one layer says about a range, looking at that layer alone."""
@@ -54,6 +56,7 @@ class Image(abc.ABC):
     # file descriptor, any read of it may wait on the network, and remote_location() says
     # where its data lies.
     remote: bool = False
+    bitmaps: BitmapSet | None = None  # dirty bitmaps (QMP block-dirty-bitmap-*), if any
 
     @abc.abstractmethod
     def layer_status(self, offset: int, length: int) -> Extent:

@@ -15,6 +15,7 @@ import stat
 from typing import Any
 
 from vdisk.engine import blocking
+from vdisk.engine.dirty_bitmap import BitmapSet
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.engine.probe import PROBE_SIZE, detect_format
@@ -68,6 +69,7 @@ class RawImage(Image):
         # into an image that names any host file as its backing file).
         self.probed = False
         self._refusal_logged = False
+        self.bitmaps = self.bm = BitmapSet(self.virtual_size)  # in memory only
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class RawImage(Image):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._check_write(offset, len(view))
+        self.bm.mark(offset, len(view))
         head = self._guard_sector0(offset, view, len(view))
         if head is not None:
             self._pwrite_all(offset, memoryview(head))
@@ -182,6 +185,7 @@ class RawImage(Image):
         self._check_write(offset, length)
         if length == 0:
             return
+        self.bm.mark(offset, length)
         self._guard_sector0(offset, None, length)
         file_size = os.fstat(self.fd).st_size
         # Past EOF (inside the 512-byte rounding) the file already reads as zeroes.

@@ -26,6 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from control.bitmaps import register_bitmaps
 from control.block_jobs import register_block_jobs
 from control.blockinfo import block_info
 from control.builtin import make_registry
@@ -138,6 +139,7 @@ class Daemon:
         self.events = EventBus()
         self.registry = make_registry()
         register_block_jobs(self.registry)
+        register_bitmaps(self.registry)
         self.jobs = JobManager(_job_event_logger(self.events.emit), self.spawn)
         self.nursery: trio.Nursery | None = None  # background tasks (block jobs)
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = [self.jobs.cancel_all]

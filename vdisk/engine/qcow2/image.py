@@ -49,6 +49,7 @@ from vdisk.engine.blocking import INLINE_COPY
 from vdisk.engine.image import Extent, Image, Status
 from vdisk.engine.locking import unlock_image
 from vdisk.engine.qcow2.alloc import Allocator
+from vdisk.engine.qcow2.bitmaps import Qcow2Bitmaps
 from vdisk.engine.qcow2.cache import L2Cache
 from vdisk.engine.qcow2.cluster import ClusterMap
 from vdisk.engine.qcow2.compress import COMPRESSION_NAMES, decompress_cluster
@@ -153,6 +154,8 @@ class Qcow2Image(Image):
             self.map.meta = self.meta
             self.writer = Writer(self.f, self.map, self.alloc, self.rc, self.virtual_size,
                                  self._guard, self._view, self._before_write)
+        self.bitmaps = self.bm = Qcow2Bitmaps(path, self.f, lambda: self.hdr, self._write_header,
+                                              self.rc, self._guard, read_only)
 
     # -- helpers ----------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -397,6 +400,7 @@ class Qcow2Image(Image):
         if not len(mv):
             return
         self._before_write()
+        self.bm.mark(offset, len(mv))
         writer.write(offset, mv)
 
     def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
@@ -405,7 +409,9 @@ class Qcow2Image(Image):
         bytes through user space. Returns the bytes done (a prefix); 0: use write()."""
         writer = self._check_writable()
         self._check_range(offset, length)
-        return writer.write_from(offset, fd, src, length, self.backing_name is not None)
+        done = writer.write_from(offset, fd, src, length, self.backing_name is not None)
+        self.bm.mark(offset, done)
+        return done
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         writer = self._check_writable()
@@ -413,15 +419,18 @@ class Qcow2Image(Image):
         if not length:
             return
         self._before_write()
+        self.bm.mark(offset, length)
         writer.write_zeroes(offset, length, unmap, self.backing_name is not None)
 
     def _before_write(self) -> None:
         if self._prepared:
             return
-        if self.version >= 3 and self.hdr.autoclear:
-            # We maintain no autoclear feature (bitmaps, raw external data): clear them.
-            h = dataclasses.replace(self.hdr, autoclear=0)
+        keep = self.bm.keeps_autoclear()  # the bitmaps bit while bitmaps are maintained
+        if self.version >= 3 and self.hdr.autoclear & ~keep:
+            # Clear the autoclear features we do not maintain (raw external data).
+            h = dataclasses.replace(self.hdr, autoclear=self.hdr.autoclear & keep)
             self._write_header(h)
+        self.bm.prepare()  # in_use flags on disk before the first change
         self._prepared = True
 
     # -- durability, header, info -------------------------------------------------------
@@ -496,6 +505,8 @@ class Qcow2Image(Image):
         try:
             if not self.read_only:
                 self._write_back_all()
+                if not self.corrupt:
+                    self.bm.store()  # bitmaps written out, in_use cleared
                 if not self.corrupt and self.alloc is not None:
                     self.alloc.return_reserve()
                 self.f.sync()
