@@ -19,6 +19,7 @@ import pytest
 from tests.helpers.commands import assert_clean, qemu_img, qemu_info
 from tests.helpers.daemon import serving
 from tests.helpers.nbd_servers import Server, nbdkit, qemu_nbd
+from tests.helpers.nginx import Nginx
 from tests.helpers.polling import wait_until
 from tests.helpers.qmp import QMP
 
@@ -92,24 +93,28 @@ def test_a_stalled_server_stalls_neither_reads_the_top_holds_nor_qmp(tmp_path: P
                     took.append(time.monotonic() - t0)
 
                 # Rounds of idle and stalled reads, interleaved, so that the load of the
-                # machine weighs on both alike.
-                idle: list[float] = []
-                stalled: list[float] = []
+                # machine weighs on both alike; on a busy machine, up to 3 tries.
                 qmp_s = 0.0
-                for r in range(3):
-                    idle += _timed_reads(fd, page, offsets)
-                    os.kill(srv.pid, signal.SIGSTOP)  # the server hangs, connections open
-                    t = threading.Thread(target=remote_read, args=((16 + 4 * r) * MiB,))
-                    t.start()
-                    time.sleep(0.2)  # the remote read waits on the server now
-                    stalled += _timed_reads(fd, page, offsets)
-                    t0 = time.monotonic()
-                    q.ok("query-block")
-                    qmp_s = max(qmp_s, time.monotonic() - t0)
-                    if r == 0:
-                        t.join(30)  # the first waits for its deadline: EIO
-                    os.kill(srv.pid, signal.SIGCONT)
-                    t.join(30)
+                for attempt in range(3):
+                    idle: list[float] = []
+                    stalled: list[float] = []
+                    for r in range(3):
+                        idle += _timed_reads(fd, page, offsets)
+                        os.kill(srv.pid, signal.SIGSTOP)  # the server hangs
+                        t = threading.Thread(target=remote_read,
+                                             args=((16 + 4 * r + attempt) * MiB,))
+                        t.start()
+                        time.sleep(0.2)  # the remote read waits on the server now
+                        stalled += _timed_reads(fd, page, offsets)
+                        t0 = time.monotonic()
+                        q.ok("query-block")
+                        qmp_s = max(qmp_s, time.monotonic() - t0)
+                        if r == 0 and attempt == 0:
+                            t.join(30)  # the first waits for its deadline: EIO
+                        os.kill(srv.pid, signal.SIGCONT)
+                        t.join(30)
+                    if _p99(stalled) <= 2 * _p99(idle) + 0.001:
+                        break
                 assert failed and isinstance(failed[0], OSError), failed
                 assert failed[0].errno == 5  # EIO, after the deadline
                 assert 2.5 < took[0] < 15, took
@@ -146,24 +151,58 @@ def _final(q: QMP, timeout: float = 120) -> dict[str, object]:
     return ev
 
 
+class _Restartable:
+    """One of the servers, serving base; stop() kills it, start() brings it back on the
+    same address; backing is the overlay's backing name (2 s read deadline)."""
+
+    def __init__(self, kind: str, tmp: Path, base: Path) -> None:
+        self.kind, self.tmp, self.base = kind, tmp, base
+        self.sock = tmp / "nbd.sock"
+        self.srv: Server | None = None
+        self.web: Nginx | None = None
+        if kind == "nginx":
+            self.web = Nginx(tmp, base.parent)
+            self.backing = "json:" + json.dumps({"driver": "raw", "file": {
+                "driver": "http", "url": self.web.url(f"img/{base.name}"), "timeout": 2}})
+        else:
+            self.start()
+            self.backing = _nbd_json(self.sock if kind == "qemu-nbd" else self._nbdkit_sock, 2)
+
+    def start(self) -> None:
+        if self.kind == "nginx":
+            assert self.web is not None
+            self.web.start()
+        elif self.kind == "qemu-nbd":
+            self.srv = qemu_nbd(self.base, "raw", sock=self.sock)
+        else:
+            self.srv, self._nbdkit_sock = nbdkit(self.base, self.tmp, "-r", "file", "PATH")
+
+    def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+        elif self.srv is not None:
+            self.srv.stop(signal.SIGKILL if self.kind == "qemu-nbd" else signal.SIGTERM)
+            self.srv = None
+
+
 @pytest.mark.slow
-def test_stream_pauses_on_error_stop_and_resumes_when_the_server_is_back(tmp_path: Path
-                                                                          ) -> None:
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit", "nginx"])
+def test_stream_pauses_on_error_stop_and_resumes_when_the_server_is_back(
+        tmp_path: Path, kind: str) -> None:
     base = _base(tmp_path)
-    sock = tmp_path / "nbd.sock"
-    srv: Server = qemu_nbd(base, "raw", sock=sock)
-    top = _overlay(tmp_path, _nbd_json(sock, 2))
+    server = _Restartable(kind, tmp_path, base)
+    top = _overlay(tmp_path, server.backing)
     try:
         with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as vd:
             q = QMP(vd.qmp_path)
             try:
                 _stream(q, speed=8 * MiB, **{"on-error": "stop"})
                 wait_until(lambda: (q.job("d0") or {}).get("offset", 0) > 2 * MiB, timeout=30)
-                srv.stop(signal.SIGKILL)  # gone mid-stream
+                server.stop()  # gone mid-stream
                 ev = q.next_event("BLOCK_JOB_ERROR", timeout=30)
                 assert ev is not None and ev["data"]["action"] == "stop", q.events
                 wait_until(lambda: (q.job("d0") or {}).get("paused") is True, timeout=10)
-                srv = qemu_nbd(base, "raw", sock=sock)  # back, on the same socket
+                server.start()  # back, at the same address
                 q.ok("block-job-set-speed", device="d0", speed=0)
                 q.ok("block-job-resume", device="d0")
                 ev = _final(q)
@@ -172,7 +211,7 @@ def test_stream_pauses_on_error_stop_and_resumes_when_the_server_is_back(tmp_pat
                 q.q.close()
             assert vd.stop() == 0
     finally:
-        srv.stop()
+        server.stop()
     assert "backing-filename" not in qemu_info(top)
     _compare(top, base)
     assert_clean(top)
