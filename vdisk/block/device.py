@@ -28,6 +28,7 @@ from typing import TypeVar
 import trio
 
 from vdisk.block.rangelock import RangeLock
+from vdisk.block.stats import IOStats, now
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
 
@@ -65,6 +66,7 @@ class BlockDevice:
         self._engine_threads = engine_threads
         self._closed = False
         self._cor_errors: set[int | None] = set()  # errnos already reported
+        self.stats = IOStats()  # the users' requests (query-blockstats)
 
     # -- engine access ---------------------------------------------------------------
 
@@ -190,10 +192,19 @@ class BlockDevice:
             return None
         if offset < 0 or length < 0 or offset + length > self.size:
             return None
-        return top.read(offset, length) if length else b""
+        t0 = now()
+        data = top.read(offset, length) if length else b""
+        self.stats.read(length, t0)
+        return data
 
     async def read(self, offset: int, length: int) -> bytes:
         """The guest view of the range (short only at the end of the device)."""
+        t0 = now()
+        data = await self._read(offset, length)
+        self.stats.read(len(data), t0)
+        return data
+
+    async def _read(self, offset: int, length: int) -> bytes:
         self._check_open()
         if offset < 0 or length < 0:
             raise _oserror(errno.EINVAL, "negative offset or length")
@@ -224,8 +235,10 @@ class BlockDevice:
         if self._engine_threads or self._locks.busy or self._engine_lock.locked():
             return False
         self._check_write(offset, len(data))
+        t0 = now()
         if data:
             self.top.write(offset, data)
+        self.stats.write(offset, len(data), t0)
         return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -233,22 +246,31 @@ class BlockDevice:
         self._check_write(offset, len(data))
         if not data:
             return
+        t0 = now()
         async with self._locks.hold(offset, offset + len(data)):
             await self._inline(self.top.write, offset, data)
+        self.stats.write(offset, len(data), t0)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeroes; unmap lets the top deallocate where it can."""
         self._check_write(offset, length)
         if not length:
             return
+        t0 = now()
         async with self._locks.hold(offset, offset + length):
             await self._inline(partial(self.top.write_zeroes, unmap=unmap), offset, length)
+        if unmap:
+            self.stats.unmap(length, t0)
+        else:
+            self.stats.write(offset, length, t0)
 
     async def flush(self) -> None:
         """Make every acknowledged write durable."""
         self._check_open()
+        t0 = now()
         if not self.read_only:
             await self._threaded(self.top.flush)
+        self.stats.flush(t0)
 
     async def copy_up(self, offset: int, length: int, *, base: Image | None = None) -> int:
         """Copy into the top every range of [offset, offset+length) that it lacks and that a
