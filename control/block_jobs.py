@@ -62,8 +62,9 @@ def register_block_jobs(
 
     async def stream(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         speed = check_speed(args.get("speed", 0))
-        drive, base = stream_target(ctx.backend, args["device"], args.get("base"),
-                                    args.get("base-node"))
+        drive, base, backing_file = stream_target(
+            ctx.backend, args["device"], args.get("base"), args.get("base-node"),
+            args.get("backing-file"))
         dev = device(ctx, drive)
         jobs(ctx).start_stream(
             drive,
@@ -72,7 +73,7 @@ def register_block_jobs(
             base=base,
             speed=speed,
             on_error=args.get("on-error", "report"),
-            backing_file=args.get("backing-file"),
+            backing_file=backing_file,
         )
         return {}
 

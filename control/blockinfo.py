@@ -26,7 +26,10 @@ def image_info(top: Image, *, flat: bool = False) -> dict[str, Any]:
     layers: list[dict[str, Any]] = []
     image: Image | None = top
     while image is not None:
-        layers.append(dict(image.info()))
+        info = dict(image.info())
+        if image.backing is not None:  # the backing file as resolved and opened
+            info["full-backing-filename"] = image.backing.path
+        layers.append(info)
         image = None if flat else image.backing
     for upper, lower in zip(layers, layers[1:], strict=False):
         upper["backing-image"] = lower
@@ -79,11 +82,12 @@ def _device_info(file: str, drv: str, node_name: str, read_only: bool, depth: in
 
 def node_info(image: Image, node_name: str, read_only: bool, *, flat: bool = False
               ) -> dict[str, Any]:
-    """BlockDeviceInfo of the format node of `image` (also query-block's "inserted")."""
+    """BlockDeviceInfo of the format node of `image` (also query-block's "inserted").
+    flat leaves the chain out, as QEMU 7.2 does: no backing-image, backing_file_depth 0."""
     info = _device_info(image.path, image.format_name, node_name, read_only,
-                        chain_depth(image), image_info(image, flat=flat))
-    if image.backing_name is not None:
-        info["backing_file"] = image.backing_name
+                        0 if flat else chain_depth(image), image_info(image, flat=flat))
+    if image.backing is not None:  # as QEMU: the backing node's file name, as opened
+        info["backing_file"] = image.backing.path
     return info
 
 

@@ -137,12 +137,14 @@ def _names(ctx: Context) -> NodeNames:
     return ctx.backend.nodes
 
 
-def stream_target(backend: object, device: str, base: str | None, base_node: str | None
-                  ) -> tuple[str, str | None]:
-    """block-stream's (drive id, base) from its device, base and base-node arguments:
-    `device` is a drive id or the node name of a drive's top image; base-node, the node
-    name of an image below it, becomes a base that find_base resolves (its path). A
-    device that names no drive or node is returned as it is (the caller reports it)."""
+def stream_target(backend: object, device: str, base: str | None, base_node: str | None,
+                  backing_file: str | None = None) -> tuple[str, str | None, str | None]:
+    """block-stream's (drive id, base, backing-file) from its device, base, base-node and
+    backing-file arguments: `device` is a drive id or the node name of a drive's top
+    image; base-node, the node name of an image below it, becomes a base that find_base
+    resolves (its path) and, as in QEMU, the name written into the top's header unless
+    backing-file is given. A device that names no drive or node is returned as it is
+    (the caller reports it)."""
     if base is not None and base_node is not None:
         raise QMPError(GENERIC_ERROR, "'base' and 'base-node' cannot be specified at the "
                        "same time")
@@ -156,14 +158,15 @@ def stream_target(backend: object, device: str, base: str | None, base_node: str
         if node is not None:
             drive = node.drive
     if base_node is None:
-        return drive, base
+        return drive, base, backing_file
     found = names.find(base_node) if names is not None else None
     if found is None:
         raise QMPError(GENERIC_ERROR, f"Cannot find device='' nor node-name='{base_node}'")
     if found.drive != drive or found.protocol or found.depth == 0:
         raise QMPError(GENERIC_ERROR,
                        f"Node '{base_node}' is not a backing image of '{device}'")
-    return drive, found.image.path
+    path = found.image.path
+    return drive, path, path if backing_file is None else backing_file
 
 
 async def query_named_block_nodes(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:

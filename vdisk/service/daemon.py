@@ -203,12 +203,17 @@ class Daemon:
                     engine_threads=self.config.engine_threads,
                 )
                 self._drives[spec.id] = Drive(spec, device, self.nodes)
-                given = {(depth, protocol): name for depth, protocol, name in spec.node_names}
-                self.nodes.add_drive(spec.id, device, given,
-                                     reserved={d.id for d in self.config.drives})
         except BaseException:
             self._close_drives_sync()
             raise
+
+    def _name_nodes(self) -> None:
+        """Give every image of every chain its node name (control.nodes)."""
+        ids = set(self._drives)
+        for drive in self._drives.values():
+            given = {(depth, protocol): name
+                     for depth, protocol, name in drive.spec.node_names}
+            self.nodes.add_drive(drive.id, drive.device, given, reserved=ids)
 
     def _close_drives_sync(self) -> None:
         for drive in self._drives.values():
@@ -318,6 +323,7 @@ class Daemon:
         self._open_drives()
         mounted = False
         try:
+            self._name_nodes()
             fuse_hook.install()
             self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
             try:
