@@ -61,7 +61,8 @@ async def query_blockstats(ctx: Context, args: dict[str, Any]) -> list[dict[str,
         raise QMPError(GENERIC_ERROR, "this server has no block nodes")
     names = ctx.backend.nodes
     if args.get("query-nodes", False):
-        return [node_stats(names, node) for node in names.nodes()]
+        # QEMU walks its node list here in the order opposite to query-named-block-nodes
+        return [node_stats(names, node) for node in reversed(list(names.nodes()))]
     return [drive_stats(names, drive) for drive in names.drive_ids()]
 
 

@@ -10,7 +10,9 @@ QMP, unmount, close the chains (locks released); the socket file is removed.
 
 The daemon is the QMP backend: `drives()`, `request_quit()`, `block_device(id)`, `jobs`
 (the JobManager), `spawn(fn)` (background tasks such as block jobs, cancelled before the
-final flush) and `events` (the EventBus).
+final flush), `events` (the EventBus) and `nodes` (every image's node name,
+control.nodes). With ServeConfig.metrics it also serves the drives' I/O counters
+(vdisk.service.metrics) on the same loop.
 """
 
 from __future__ import annotations
