@@ -120,6 +120,23 @@ backing.backing.file.node-name = "base-file"
     assert names == ["base", "base-file", "mid", "#d0.1.file", "top", "top-file"]
 
 
+@pytest.mark.parametrize("lines, message", [
+    ('backing.node-name = "2x"', "[[drive]] #1: backing.node-name: '2x' is not a valid node "
+                                 "name"),
+    ("backing.node-name = 3", "[[drive]] #1: backing.node-name: expected a string, got int"),
+    ('backing.nodename = "x"', "[[drive]] #1: backing.nodename: unknown key"),
+])
+def test_bad_node_names_in_config(tmp_path: Path, lines: str, message: str) -> None:
+    chain = make_chain(tmp_path)
+    conf = tmp_path / "vdisk.toml"
+    conf.write_text(f'[[drive]]\nid = "d0"\nfile = "{chain["top"]}"\n{lines}\n')
+    res = run_serve(tmp_path, ["--config", str(conf), "--mount", str(tmp_path / "mnt"),
+                               "--qmp", str(tmp_path / "q.sock")])
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert f"{conf}: {message}" in line
+
+
 @pytest.mark.parametrize("opts, message", [
     ("node-name=1top", "--drive id=d0,file=TOP,node-name=1top: node-name: '1top' is not a "
                        "valid node name"),
@@ -164,7 +181,6 @@ def wait_done(q: QMP) -> dict[str, Any]:
 
 
 @needs_qsd
-@pytest.mark.slow
 @pytest.mark.parametrize("backing_file", [None, "BASE"])
 def test_stream_to_base_node_like_qsd(tmp_path: Path, backing_file: str | None) -> None:
     (tmp_path / "v").mkdir()
