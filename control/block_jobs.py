@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from control.errors import DEVICE_NOT_FOUND, GENERIC_ERROR, QMPError
 from control.jobs import JobManager, as_qmp_errors
+from control.nodes import stream_target
 from control.registry import Context, Enum, Registry
 from vdisk.block.job import NEGATIVE_SPEED
 from vdisk.block.stream import StreamDevice
@@ -60,17 +61,19 @@ def register_block_jobs(
         return speed
 
     async def stream(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        drive = args["device"]
         speed = check_speed(args.get("speed", 0))
+        drive, base, backing_file = stream_target(
+            ctx.backend, args["device"], args.get("base"), args.get("base-node"),
+            args.get("backing-file"))
         dev = device(ctx, drive)
         jobs(ctx).start_stream(
             drive,
             dev,
             job_id=args.get("job-id"),
-            base=args.get("base"),
+            base=base,
             speed=speed,
             on_error=args.get("on-error", "report"),
-            backing_file=args.get("backing-file"),
+            backing_file=backing_file,
         )
         return {}
 
@@ -111,6 +114,7 @@ def register_block_jobs(
             "device": "str",
             "*job-id": "str",
             "*base": "str",
+            "*base-node": "str",
             "*speed": "int",
             "*on-error": ON_ERROR,
             "*backing-file": "str",

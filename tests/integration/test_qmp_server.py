@@ -592,7 +592,7 @@ def test_qemu_qmp_legacy_client(sockdir: str, images: dict[str, str]) -> None:
                 ins = b0["inserted"]
                 assert ins["file"] == images["top"] and ins["drv"] == "qcow2"
                 assert ins["ro"] is False
-                assert ins["backing_file"] == "mid.qcow2"
+                assert ins["backing_file"] == images["mid"]  # as QEMU: the opened file
                 assert ins["backing_file_depth"] == 2
                 oracle = qemu_info(images["top"], "-U", "--backing-chain")
                 check_image_chain(ins["image"], oracle)

@@ -33,6 +33,7 @@ import trio
 from vdisk.block.fetch import DEFAULT_INFLIGHT
 from vdisk.block.rangelock import RangeLock
 from vdisk.block.remote_chain import RemoteChain, has_remote_below
+from vdisk.block.stats import IOStats, now
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
 
@@ -81,6 +82,7 @@ class BlockDevice:
             self.remote = None
         elif self.remote is None:
             self.remote = RemoteChain(self.drive_id, self._call, self._inflight)
+        self.stats = IOStats()  # the users' requests (query-blockstats)
 
     # -- engine access ---------------------------------------------------------------
 
@@ -227,10 +229,19 @@ class BlockDevice:
             return None
         if top.may_block("read", offset, length):
             return None
-        return top.read(offset, length) if length else b""
+        t0 = now()
+        data = top.read(offset, length) if length else b""
+        self.stats.read(length, t0)
+        return data
 
     async def read(self, offset: int, length: int) -> bytes:
         """The guest view of the range (short only at the end of the device)."""
+        t0 = now()
+        data = await self._read(offset, length)
+        self.stats.read(len(data), t0)
+        return data
+
+    async def _read(self, offset: int, length: int) -> bytes:
         self._check_open()
         if offset < 0 or length < 0:
             raise _oserror(errno.EINVAL, "negative offset or length")
@@ -302,8 +313,10 @@ class BlockDevice:
         self._check_write(offset, len(data))
         if self.top.may_block("write", offset, len(data)):
             return False
+        t0 = now()
         if data:
             self.top.write(offset, data)
+        self.stats.write(offset, len(data), t0)
         return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -311,38 +324,52 @@ class BlockDevice:
         self._check_write(offset, len(data))
         if not data:
             return
+        t0 = now()
         if self.remote is not None:
             start, end = self._span(offset, len(data))
             async with self._locks.hold(start, end):
                 await self._fill_partial(self.remote, offset, len(data))
                 await self._call(self.top.may_block("write", offset, len(data)),
                                  self.top.write, offset, data)
+            self.stats.write(offset, len(data), t0)
             return
         async with self._locks.hold(offset, offset + len(data)):
             await self._call(self.top.may_block("write", offset, len(data)),
                              self.top.write, offset, data)
+        self.stats.write(offset, len(data), t0)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeroes; unmap lets the top deallocate where it can."""
         self._check_write(offset, length)
         if not length:
             return
+        t0 = now()
         if self.remote is not None:
             start, end = self._span(offset, length)
             async with self._locks.hold(start, end):
                 await self._fill_partial(self.remote, offset, length)
                 await self._call(self.top.may_block("zeroes", offset, length),
                                  partial(self.top.write_zeroes, unmap=unmap), offset, length)
+            self._count_zeroes(offset, length, unmap, t0)
             return
         async with self._locks.hold(offset, offset + length):
             await self._call(self.top.may_block("zeroes", offset, length),
                              partial(self.top.write_zeroes, unmap=unmap), offset, length)
+        self._count_zeroes(offset, length, unmap, t0)
+
+    def _count_zeroes(self, offset: int, length: int, unmap: bool, t0: int) -> None:
+        if unmap:
+            self.stats.unmap(length, t0)
+        else:
+            self.stats.write(offset, length, t0)
 
     async def flush(self) -> None:
         """Make every acknowledged write durable."""
         self._check_open()
+        t0 = now()
         if not self.read_only:
             await self._threaded(self.top.flush)
+        self.stats.flush(t0)
 
     async def copy_up(self, offset: int, length: int, *, base: Image | None = None) -> int:
         """Copy into the top every range of [offset, offset+length) that it lacks and that a

@@ -2,7 +2,8 @@
 
   vdisk serve --mount DIR --qmp SOCKET \\
       --drive id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]
-              [,backing-owner-check=on|off]
+              [,backing-owner-check=on|off][,node-name=NAME][,backing.node-name=NAME]...
+      [--metrics HOST:PORT|PATH]
   vdisk serve --config FILE [--daemonize --pidfile FILE] [--log-file FILE]
 
 Runs until SIGTERM, SIGINT, SIGHUP or the QMP `quit` command, then flushes every
@@ -11,6 +12,11 @@ default; --daemonize returns once the mount is live and QMP answers (exit 0), or
 prints the daemon's start-up error (exit 1). Each drive appears as DIR/ID, a raw file of
 the drive's virtual size (it never grows; fallocate punch-hole/zero-range and
 SEEK_DATA/SEEK_HOLE work). Copy-on-read is on by default for read-write drives.
+Every image of a chain has a node name for QMP: node-name= names the top,
+backing.node-name= the next, backing.backing.node-name= the one below, file.node-name=
+(backing.file.node-name=...) the protocol node of an image; the others are made up as
+#ID.DEPTH (#ID.DEPTH.file), DEPTH counted from the top at start-up. --metrics serves the
+drives' I/O counters as a Prometheus text endpoint.
 A backing file that the owner of an image above it could not read is refused, unless
 the drive says backing-owner-check=off (see docs/SECURITY.md).
 DIR is created if missing (and removed again if the start fails); a dead vdisk mount
@@ -27,10 +33,17 @@ import signal
 from dataclasses import dataclass
 
 from vdisk.errors import VdiskError
-from vdisk.service.config import FileConfig, drive_id_problem, load_config
+from vdisk.service.config import (
+    FileConfig,
+    drive_id_problem,
+    load_config,
+    node_name_problem,
+    parse_node_key,
+)
 from vdisk.service.daemon import DriveSpec, ServeConfig, serve
 from vdisk.service.daemonize import READY_TIMEOUT, Readiness, daemonize
 from vdisk.service.logsetup import DESTINATIONS, LEVELS, JournalHandler, Logs, setup_logging
+from vdisk.service.metrics import parse_address
 from vdisk.service.pidfile import check_pidfile, check_writable, remove_pidfile, write_pidfile
 
 log = logging.getLogger("vdisk")
@@ -46,9 +59,10 @@ def parse_drive(text: str) -> DriveSpec:
         key, sep, value = item.partition("=")
         if not sep:
             raise VdiskError(f"--drive {text}: expected key=value, got '{item}'")
-        if key not in _KEYS:
+        if key not in _KEYS and parse_node_key(key) is None:
             raise VdiskError(
-                f"--drive {text}: unknown option '{key}' (known: {', '.join(_KEYS)})"
+                f"--drive {text}: unknown option '{key}' (known: {', '.join(_KEYS)}, "
+                "node-name, backing.node-name, file.node-name, backing.file.node-name...)"
             )
         if key in opts:
             raise VdiskError(f"--drive {text}: option '{key}' given twice")
@@ -63,6 +77,15 @@ def parse_drive(text: str) -> DriveSpec:
     fmt = opts.get("format")
     if fmt is not None and fmt not in ("qcow2", "raw"):
         raise VdiskError(f"--drive {text}: format '{fmt}' is not qcow2 or raw")
+
+    node_names = []
+    for key, value in opts.items():
+        node = parse_node_key(key)
+        if node is not None:
+            problem = node_name_problem(value)
+            if problem:
+                raise VdiskError(f"--drive {text}: {key}: {problem}")
+            node_names.append((*node, value))
 
     def flag(key: str) -> bool | None:
         if key not in opts:
@@ -79,6 +102,7 @@ def parse_drive(text: str) -> DriveSpec:
         copy_on_read=flag("copy-on-read"),
         read_only=bool(flag("read-only")),
         backing_owner_check=flag("backing-owner-check") is not False,
+        node_names=tuple(node_names),
     )
 
 
@@ -113,9 +137,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--drive", action="append", default=[], metavar="SPEC",
         help="id=ID,file=IMAGE[,format=qcow2|raw][,copy-on-read=on|off][,read-only=on|off]"
-        "[,backing-owner-check=on|off]",
+        "[,backing-owner-check=on|off][,node-name=NAME][,backing.node-name=NAME]...",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with settings and [[drive]]s")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="serve the drives' I/O counters for Prometheus at HOST:PORT or a "
+                   "UNIX socket path")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     p.add_argument("--daemonize", action="store_true",
                    help="detach; exit 0 once serving, or 1 with the start-up error")
@@ -171,6 +198,7 @@ def settings(args: argparse.Namespace) -> Settings:
             mount=mount, qmp=qmp, drives=drives,
             allow_other=bool(args.allow_other or fc.allow_other),
             engine_threads=args.engine_threads,
+            metrics=parse_address(args.metrics) if args.metrics else fc.metrics,
         ),
         log_level=args.log_level or fc.log_level or "info",
         log=dest,

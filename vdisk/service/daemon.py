@@ -10,7 +10,9 @@ QMP, unmount, close the chains (locks released); the socket file is removed.
 
 The daemon is the QMP backend: `drives()`, `request_quit()`, `block_device(id)`, `jobs`
 (the JobManager), `spawn(fn)` (background tasks such as block jobs, cancelled before the
-final flush) and `events` (the EventBus).
+final flush), `events` (the EventBus) and `nodes` (every image's node name,
+control.nodes). With ServeConfig.metrics it also serves the drives' I/O counters
+(vdisk.service.metrics) on the same loop.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from control.blockinfo import block_info
 from control.builtin import make_registry
 from control.events import EventBus
 from control.jobs import JobManager
+from control.nodes import NodeNames, register_nodes
+from control.qapi_schema import register_qapi_schema
 from control.server import serve_qmp
+from control.stats import register_stats
+from control.unix_socket import bind_socket
 from vdisk.block import loop_guard
 from vdisk.block.device import BlockDevice
 from vdisk.engine.chain import close_chain, iter_chain, open_chain
@@ -40,6 +46,7 @@ from vdisk.engine.image import Image
 from vdisk.errors import ImageError, VdiskError
 from vdisk.fuse import hook as fuse_hook
 from vdisk.fuse.fs import DriveFS, mount_options
+from vdisk.service.metrics import Address, serve_metrics
 from vdisk.service.mounts import (
     prepare_mountpoint,
     remove_created,
@@ -66,6 +73,9 @@ class DriveSpec:
     copy_on_read: bool | None = None  # None: on for read-write drives
     read_only: bool = False
     backing_owner_check: bool = True  # refuse backing files the image owners cannot read
+    # given node names: (depth, protocol node?, name), e.g. (1, False, "mid") from
+    # backing.node-name=mid (control.nodes; the others are made up)
+    node_names: tuple[tuple[int, bool, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class ServeConfig:
     drives: tuple[DriveSpec, ...]
     allow_other: bool = False
     engine_threads: bool = False  # run every engine call in a worker thread (measurements)
+    metrics: Address | None = None  # --metrics: (host, port) or a UNIX socket path
 
 
 @dataclass
@@ -83,13 +94,15 @@ class Drive:
 
     spec: DriveSpec
     device: BlockDevice
+    nodes: NodeNames
 
     @property
     def id(self) -> str:
         return self.spec.id
 
     def query_block(self) -> dict[str, Any]:
-        return block_info(self.spec.id, self.device.top, self.device.read_only)
+        top = self.device.top
+        return block_info(self.spec.id, top, self.device.read_only, self.nodes.name(top))
 
 
 def _single(exc: BaseException) -> BaseException:
@@ -140,6 +153,10 @@ class Daemon:
         self.registry = make_registry()
         register_block_jobs(self.registry)
         register_bitmaps(self.registry)
+        register_nodes(self.registry)
+        register_stats(self.registry)
+        register_qapi_schema(self.registry)
+        self.nodes = NodeNames()  # every image's node name (control.nodes)
         self.jobs = JobManager(_job_event_logger(self.events.emit), self.spawn)
         self.nursery: trio.Nursery | None = None  # background tasks (block jobs)
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = [self.jobs.cancel_all]
@@ -148,6 +165,7 @@ class Daemon:
         self._quit_why = ""  # what happened, for the log, when the reason does not say it
         self._jobs_scope = trio.CancelScope()
         self._qmp_scope = trio.CancelScope()
+        self._metrics_scope = trio.CancelScope()
         self._fuse_done = trio.Event()
         self._jobs_done = trio.Event()
         self.failed = False
@@ -188,10 +206,18 @@ class Daemon:
                     spec.id, top, copy_on_read=cor, read_only=spec.read_only,
                     engine_threads=self.config.engine_threads,
                 )
-                self._drives[spec.id] = Drive(spec, device)
+                self._drives[spec.id] = Drive(spec, device, self.nodes)
         except BaseException:
             self._close_drives_sync()
             raise
+
+    def _name_nodes(self) -> None:
+        """Give every image of every chain its node name (control.nodes)."""
+        ids = set(self._drives)
+        for drive in self._drives.values():
+            given = {(depth, protocol): name
+                     for depth, protocol, name in drive.spec.node_names}
+            self.nodes.add_drive(drive.id, drive.device, given, reserved=ids)
 
     def _close_drives_sync(self) -> None:
         for drive in self._drives.values():
@@ -252,6 +278,14 @@ class Daemon:
                 self.qmp_path, self.registry, self, self.events, task_status=task_status
             )
 
+    async def _metrics(self, address: Address,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._metrics_scope:  # stops with the QMP server
+            await serve_metrics(
+                address, lambda: [(d.id, d.device.stats) for d in self._drives.values()],
+                bind_socket, task_status=task_status,
+            )
+
     async def _signals(self, receiver: Any) -> None:
         async for signum in receiver:
             name = signal.Signals(signum).name
@@ -293,6 +327,7 @@ class Daemon:
         await trio.to_thread.run_sync(self._open_drives)  # may sync, or connect to servers
         mounted = False
         try:
+            self._name_nodes()
             fuse_hook.install()
             self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
             try:
@@ -309,6 +344,8 @@ class Daemon:
                     await trio.to_thread.run_sync(set_readahead, self.mount, READAHEAD_KIB)
                     await root.start(self._background)
                     await root.start(self._qmp)
+                    if self.config.metrics is not None:
+                        await root.start(self._metrics, self.config.metrics)
                     log.info(
                         "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
                         self.mount, self.qmp_path,
@@ -357,6 +394,7 @@ class Daemon:
                 self.failed = True
                 log.error("%s: flush failed: %s", drive.id, e)
         self._qmp_scope.cancel()
+        self._metrics_scope.cancel()
 
     async def _close_drives(self) -> None:
         for drive in self._drives.values():
