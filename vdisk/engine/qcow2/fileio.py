@@ -22,7 +22,7 @@ class ImageFile:
     def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
         self.path = path
-        self.size = os.fstat(fd).st_size
+        self.size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
         self.unsynced = False
         self.named_data = False
         self.syncs = 0
