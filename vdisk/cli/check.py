@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Any
 
-from vdisk.cli import _qjson as qjson
 from vdisk.cli._common import FORMAT_HINT, UsageError, lock_hint
+from vdisk.cli._qjson import dumps as qemu_json
 from vdisk.engine.chain import check_image_file, close_chain, open_chain, probe_servable
 from vdisk.engine.qcow2 import CheckResult, check_qcow2
 from vdisk.errors import LockError
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     quiet = args.quiet
     if args.output == "json":
-        text = qjson.dumps(as_json(result, args.file)) + "\n"
+        text = qemu_json(as_json(result, args.file)) + "\n"
     else:
         text = as_human(result)
         if result.leaks_fixed or result.corruptions_fixed:
