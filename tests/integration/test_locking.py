@@ -103,7 +103,7 @@ def test_qemu_writer_locks_out_vdisk_qcow2(tmp_path: Path) -> None:
         res = vdisk("info", "-U", "--output=json", imgs["top"])
         assert '"format": "qcow2"' in res.stdout
         # like qemu-img create, an overlay may be made over an image in use
-        vdisk("create", "-f", "qcow2", "-b", imgs["top"], tmp_path / "new.qcow2")
+        vdisk("create", "-f", "qcow2", "-b", imgs["top"], "-F", "qcow2", tmp_path / "new.qcow2")
         assert vdisk("check", "-U", imgs["top"]).returncode == 0
         res = vdisk("check", imgs["top"], check=False)
         assert res.returncode == 1 and "in use" in res.stderr

@@ -9,7 +9,7 @@ import re
 
 from vdisk.engine.chain import (
     FORMATS,
-    check_plain_file,
+    check_image_file,
     open_chain,
     open_image,
     path_combine,
@@ -107,7 +107,7 @@ def open_top(path: str, fmt: str | None, *, chain: bool, force_share: bool,
             return open_chain(path, fmt=fmt, read_only=True, force_share=force_share,
                               backing_owner_check=owner_check, format_hint=FORMAT_HINT)
         apath = os.path.abspath(path)
-        check_plain_file(apath, "image")
+        check_image_file(apath, "image")
         return open_image(apath, fmt or probe_servable(apath, FORMAT_HINT), read_only=True,
                           force_share=force_share)
     except LockError as e:

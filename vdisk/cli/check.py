@@ -1,26 +1,25 @@
 """`vdisk check`: consistency check (and repair) of a qcow2 image, like `qemu-img check`.
 
-Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaks only, 1 check errors.
+Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaks only, 1 check errors,
+63 for raw images (no metadata to check).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import sys
 from typing import Any
 
 from vdisk.cli._common import FORMAT_HINT, UsageError, lock_hint
-from vdisk.cli._qcow2stats import check_stats
-from vdisk.engine.chain import check_plain_file, probe_servable
+from vdisk.cli._qjson import dumps as qemu_json
+from vdisk.engine.chain import check_image_file, close_chain, open_chain, probe_servable
 from vdisk.engine.qcow2 import CheckResult, check_qcow2
 from vdisk.errors import LockError
 
 
 def exit_code(result: CheckResult) -> int:
-    if result.check_errors:
+    if result.failed is not None or result.check_errors:
         return 1
     if result.corruptions:
         return 2
@@ -29,32 +28,26 @@ def exit_code(result: CheckResult) -> int:
     return 0
 
 
-def as_json(result: CheckResult, filename: str, stats: dict[str, int]) -> dict[str, Any]:
+def as_json(result: CheckResult, filename: str) -> dict[str, Any]:
+    """qemu-img's ImageCheck in QAPI schema order (zero counts left out, as qemu-img)."""
     doc: dict[str, Any] = {"filename": filename, "format": "qcow2",
                            "check-errors": result.check_errors}
-    for key, count in (("corruptions", result.corruptions), ("leaks", result.leaks)):
-        if count:
-            doc[key] = count
-    leaks_fixed, corr_fixed = result.leaks_fixed, result.corruptions_fixed
-    if leaks_fixed:
-        doc["leaks-fixed"] = leaks_fixed
-    if corr_fixed:
-        doc["corruptions-fixed"] = corr_fixed
-    for key, value in stats.items():
+    for key, value in (("image-end-offset", result.image_end_offset),
+                       ("corruptions", result.corruptions), ("leaks", result.leaks),
+                       ("corruptions-fixed", result.corruptions_fixed),
+                       ("leaks-fixed", result.leaks_fixed),
+                       ("total-clusters", result.total_clusters),
+                       ("allocated-clusters", result.allocated_clusters),
+                       ("fragmented-clusters", result.fragmented_clusters),
+                       ("compressed-clusters", result.compressed_clusters)):
         if value:
             doc[key] = value
     return doc
 
 
-def as_human(result: CheckResult, stats: dict[str, int]) -> str:
+def as_human(result: CheckResult) -> str:
     corr, leaks, errs = result.corruptions, result.leaks, result.check_errors
     out: list[str] = []
-    leaks_fixed, corr_fixed = result.leaks_fixed, result.corruptions_fixed
-    if leaks_fixed or corr_fixed:
-        out.append("The following inconsistencies were found and repaired:\n")
-        out.append(f"    {leaks_fixed} leaked clusters")
-        out.append(f"    {corr_fixed} corruptions\n")
-        out.append("Double checking the fixed image now...")
     if not (corr or leaks or errs):
         out.append("No errors were found on the image.")
     if corr:
@@ -65,29 +58,47 @@ def as_human(result: CheckResult, stats: dict[str, int]) -> str:
                    "of disk space, but no harm to data.")
     if errs:
         out.append(f"\n{errs} internal errors have occurred during the check.")
-    total, alloc = stats.get("total-clusters", 0), stats.get("allocated-clusters", 0)
+    total, alloc = result.total_clusters, result.allocated_clusters
     if total and alloc:
-        frag, comp = stats["fragmented-clusters"], stats["compressed-clusters"]
+        frag, comp = result.fragmented_clusters, result.compressed_clusters
         out.append(f"{alloc}/{total} = {alloc * 100.0 / total:0.2f}% allocated, "
                    f"{frag * 100.0 / alloc:0.2f}% fragmented, "
                    f"{comp * 100.0 / alloc:0.2f}% compressed clusters")
-    end = stats.get("image-end-offset", 0)
-    if end:
-        out.append(f"Image end offset: {end}")
+    if result.image_end_offset:
+        out.append(f"Image end offset: {result.image_end_offset}")
     return "\n".join(out) + "\n"
+
+
+def repaired_banner(result: CheckResult) -> str:
+    return ("The following inconsistencies were found and repaired:\n\n"
+            f"    {result.leaks_fixed} leaked clusters\n"
+            f"    {result.corruptions_fixed} corruptions\n\n"
+            "Double checking the fixed image now...\n")
+
+
+def _open_backing(path: str, force_share: bool) -> None:
+    """Fail as qemu-img check does when the backing chain does not open (exit 1)."""
+    try:
+        close_chain(open_chain(path, read_only=True, force_share=True,
+                               backing_owner_check=False))
+    except LockError:
+        pass  # the check itself takes (or skips) the locks and says so
+
 
 
 def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
-    check_plain_file(path, "image")
+    check_image_file(path, "image")
     fmt = args.format or probe_servable(path, FORMAT_HINT)
     if fmt not in ("qcow2", "raw"):
         raise UsageError(f"unknown format {fmt!r} (use qcow2 or raw)")
     if fmt == "raw":
-        print(f"{args.file}: raw image; it has no metadata, so there is nothing to check.")
-        return 0
+        print(f"vdisk: {args.file}: This image format does not support checks",
+              file=sys.stderr)
+        return 63
     if args.repair and args.force_share:
         raise UsageError("-r cannot be combined with -U (repair needs the write lock)")
+    _open_backing(path, args.force_share)
     if args.force_share:
         result = check_qcow2(path, repair=None, force_share=True)
     else:
@@ -99,14 +110,20 @@ def run(args: argparse.Namespace) -> int:
             raise lock_hint(e) from None
     for msg in result.messages:
         print(msg, file=sys.stderr)
-    try:
-        stats = check_stats(path)
-    except (OSError, ValueError, struct.error):
-        stats = {}  # a header too broken to walk: the check result says why
+    if result.failed is not None:
+        print(f"vdisk: {args.file}: Check failed: {result.failed}", file=sys.stderr)
+        return 1
+    quiet = args.quiet
     if args.output == "json":
-        sys.stdout.write(json.dumps(as_json(result, args.file, stats), indent=4) + "\n")
+        text = qemu_json(as_json(result, args.file)) + "\n"
     else:
-        sys.stdout.write(as_human(result, stats))
+        text = as_human(result)
+        if result.leaks_fixed or result.corruptions_fixed:
+            text = repaired_banner(result) + text
+    if not quiet:
+        sys.stdout.write(text)
+    if result.check_errors:
+        print(f"vdisk: {args.file}: Check failed", file=sys.stderr)
     return exit_code(result)
 
 
@@ -129,4 +146,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="open without locks (the image may be in use)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stdout")
     p.set_defaults(func=run)

@@ -125,7 +125,7 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     directories, devices, FIFOs and sockets.
     """
     path = backing_path(image_path, backing_name)
-    check_plain_file(path, f"backing file {backing_name!r} of {image_path}")
+    check_image_file(path, f"backing file {backing_name!r} of {image_path}")
     return path
 
 
@@ -174,7 +174,7 @@ def check_owners(image_path: str, backing_name: str, target: str, owners: Sequen
     return found
 
 
-def check_plain_file(path: str, what: str) -> os.stat_result:
+def check_image_file(path: str, what: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -184,7 +184,8 @@ def check_plain_file(path: str, what: str) -> os.stat_result:
     kind = file_kind(st.st_mode)
     if kind is None:
         return st
-    raise ChainError(path, f"{what} is {kind}; only plain files are supported")
+    raise ChainError(path, f"{what} is {kind}; only plain files and block devices are "
+                           "supported")
 
 
 def open_image(path: str, fmt: str, *, read_only: bool, force_share: bool = False) -> Image:
@@ -223,7 +224,7 @@ def open_chain(
     On any error, everything opened so far is closed again.
     """
     path = os.path.abspath(path)
-    st = check_plain_file(path, "image")
+    st = check_image_file(path, "image")
     top = open_image(path, fmt or probe_servable(path, format_hint), read_only=read_only,
                      force_share=force_share)
     top.probed = fmt is None
@@ -250,7 +251,7 @@ def open_chain(
             assert cur.backing_name  # (mypy: the continue above loses the narrowing)
             bpath = backing_path(cur.path, cur.backing_name)
             checked = check_owners(cur.path, cur.backing_name, bpath, owners)
-            check_plain_file(bpath, f"backing file {cur.backing_name!r} of {cur.path}")
+            check_image_file(bpath, f"backing file {cur.backing_name!r} of {cur.path}")
             bst = os.stat(bpath)
             key = (bst.st_dev, bst.st_ino)
             if key in seen:

@@ -46,6 +46,14 @@ def round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
 
+def fd_size(fd: int) -> int:
+    """The size of an open image file or block device (st_size is 0 for a device; its
+    end, lseek SEEK_END, is what BLKGETSIZE64 says)."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return os.fstat(fd).st_size
+
+
 class RawImage(Image):
     """An open raw image file."""
 
@@ -57,7 +65,7 @@ class RawImage(Image):
         self.read_only = read_only
         self._locked = locked
         self._closed = False
-        self.virtual_size = round_up(os.fstat(fd).st_size, SECTOR)
+        self.virtual_size = round_up(fd_size(fd), SECTOR)
         self.cluster_size = RAW_CLUSTER_SIZE
         self.backing = None
         self.backing_name = None
@@ -70,8 +78,12 @@ class RawImage(Image):
         self.probed = False
         self._refusal_logged = False
         self.bitmaps = self.bm = BitmapSet(self.virtual_size)  # in memory only
+        self.is_device = stat.S_ISBLK(os.fstat(fd).st_mode)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _file_size(self) -> int:
+        return self.virtual_size if self.is_device else os.fstat(self.fd).st_size
 
     def _check_open(self) -> None:
         if self._closed:
@@ -129,7 +141,7 @@ class RawImage(Image):
         if offset < 0 or length <= 0 or offset >= self.virtual_size:
             raise OSError(errno.EINVAL, f"{self.path}: bad status range {offset}+{length}")
         length = min(length, self.virtual_size - offset)
-        file_size = os.fstat(self.fd).st_size
+        file_size = self._file_size()
         if offset >= file_size:
             return Extent(offset, length, Status.ZERO)
         try:
@@ -187,7 +199,7 @@ class RawImage(Image):
             return
         self.bm.mark(offset, length)
         self._guard_sector0(offset, None, length)
-        file_size = os.fstat(self.fd).st_size
+        file_size = self._file_size()
         # Past EOF (inside the 512-byte rounding) the file already reads as zeroes.
         end = min(offset + length, file_size)
         if end <= offset:
@@ -261,15 +273,16 @@ class RawImage(Image):
 
 
 def file_kind(mode: int) -> str | None:
-    """None for a regular file, else what it is ('a directory', 'a FIFO', ...)."""
-    if stat.S_ISREG(mode):
+    """None for a regular file or a block device (QEMU's host_device: LVM volumes, loop
+    devices), else what it is ('a directory', 'a FIFO', ...)."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
         return None
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
         return "a FIFO"
-    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
-        return "a device"
+    if stat.S_ISCHR(mode):
+        return "a character device"
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
@@ -287,7 +300,7 @@ def _open_fd(path: str, flags: int) -> int:
     kind = file_kind(os.fstat(fd).st_mode)
     if kind is not None:
         os.close(fd)
-        raise ImageError(path, f"is {kind}, not a regular file")
+        raise ImageError(path, f"is {kind}, not a regular file or block device")
     os.set_blocking(fd, True)
     return fd
 

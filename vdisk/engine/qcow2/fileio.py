@@ -37,7 +37,8 @@ class ImageFile:
         self.fd = fd
         self.path = path
         self.reader = reader  # when set, reads go through it and fd is -1
-        self.size = reader.size if reader is not None else os.fstat(fd).st_size
+        # (lseek, not st_size: a block device's st_size is 0)
+        self.size = reader.size if reader is not None else os.lseek(fd, 0, os.SEEK_END)
         self.unsynced = False
         self.named_data = False
         self.syncs = 0

@@ -16,12 +16,13 @@ from vdisk.engine.qcow2.header import (
     parse_header,
 )
 from vdisk.engine.qcow2.image import Qcow2Image
+from vdisk.engine.raw import fd_size
 from vdisk.errors import CorruptImageError, ImageError, UnsupportedImageError
 
 
 def read_header(path: str, fd: int) -> Header:
     """Read and parse the header cluster of an open file (no policy checks)."""
-    size = os.fstat(fd).st_size
+    size = fd_size(fd)
     first = os.pread(fd, 4096, 0)
     cs = 1 << 21
     if len(first) >= 24:
@@ -58,7 +59,7 @@ def _open_fd(path: str, read_only: bool) -> int:
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         os.close(fd)
         what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise ImageError(path, f"is {what}, not an image file")
