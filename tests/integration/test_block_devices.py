@@ -108,9 +108,7 @@ def test_serve_qcow2_on_device_and_enospc(tmp_path: Path) -> None:
                 fmt="qcow2")
 
 
-@pytest.mark.parametrize("fmt", ["raw", pytest.param("qcow2", marks=pytest.mark.skip(
-    reason="vdisk/block/device.py runs the 1 MiB copy_file_range from a qcow2 "
-    "on a block device inline: the loop guard fails the stream (not this branch's file)"))])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_overlay_on_device_backing_streams(tmp_path: Path, fmt: str) -> None:
     src = _qcow2_source(tmp_path)
     with loop_device(_file(tmp_path / "base.img", 32 * MiB)) as dev:

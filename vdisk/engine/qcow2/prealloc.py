@@ -92,7 +92,8 @@ def preallocate(mode: str, *, size: int, cs: int, bits: int, v3: bool, ew: int,
     blocks after it, L1 at l1_off) after qemu-img's preallocation in mode."""
     out = Layout(reftable_offset=cs, reftable_clusters=rt)
     refs = _Refs(cs, bits)
-    first_free = l1_off // cs + l1_clusters
+    # header, table, blocks, L1 (an image of size 0 has no L1 table: l1_off may be 0)
+    first_free = max(l1_off // cs + l1_clusters, 1 + rt + rb)
     refs.set(0, first_free)
     tables = _l2_tables(size, cs, ew)
     l1: list[int] = []
@@ -105,6 +106,9 @@ def preallocate(mode: str, *, size: int, cs: int, bits: int, v3: bool, ew: int,
             refs.set(cur, n + 1)
             cur += 1 + n
         out.length = cur * cs
+        if ew == 2 and tables and size % cs:  # qemu-img: the last cluster's subclusters
+            sc = cs // 32
+            out.length = (cur - 1) * cs + -(-(size % cs) // sc) * sc
         if cur > rb * refs.per:
             raise ValueError("preallocation=metadata of an image that needs more than its "
                              "first refcount blocks is not supported; use falloc or full")
