@@ -11,6 +11,7 @@ keep the seed's classes (checked on vdisk alone: qsd has no such names).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import ROOT
 from tests.helpers.chains import MiB, create
 from tests.helpers.commands import qemu_io
 from tests.helpers.daemon import serving
@@ -108,6 +110,22 @@ RAW = [
 ]
 
 
+ARGUMENT_ERRORS = ("Parameter '", "Invalid parameter type", "The command ", "Capabilities ")
+
+
+def documented_errors() -> list[re.Pattern[str]]:
+    """docs/QMP.md's error table, the rows of modern names, as patterns ('X' etc. any)."""
+    text = (ROOT / "docs" / "QMP.md").read_text()
+    table = text.split("### Errors", 1)[1].split("\n### ", 1)[0]
+    out = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[1].startswith("`"):
+            desc = re.escape(cells[3])
+            out.append(re.compile(re.sub(r"'(X|ID|B|S|V)'", "'[^']*'", desc)))
+    return out
+
+
 def drives(d: Path) -> tuple[Path, Path, Path]:
     d.mkdir()
     base = create(d / "base.qcow2", "32M")
@@ -190,6 +208,11 @@ def test_modern_names_answer_as_qsd(tmp_path: Path) -> None:
         assert srv.stop() == 0, srv.stderr
     for key in want:
         assert got[key] == want[key], key
+    # docs/QMP.md's table words every refusal qsd gave (besides argument checks)
+    patterns = documented_errors()
+    for name, args, ans in want["calls"] + want["running"]:
+        if "desc" in ans and not ans["desc"].startswith(ARGUMENT_ERRORS):
+            assert any(p.fullmatch(ans["desc"]) for p in patterns), (name, args, ans)
     assert want["calls events"] == [("JOB_STATUS_CHANGE", {"id": "j", "status": s})
                                     for s in ("created", "null") * 2]
 
