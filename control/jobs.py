@@ -1,8 +1,9 @@
 """The job manager: the daemon's block jobs by id, and the QMP policy around them.
 
 The jobs themselves (vdisk.block.job, vdisk.block.stream) are data plane; this module
-decides what QMP allows (job ids, one job per drive, streamable drives) and turns the
-jobs' JobError into QMP error classes. Jobs belong to the daemon: the manager runs
+decides what QMP allows (job ids, one job per drive, streamable drives), in QEMU 7.2's
+words for the modern commands and with the seed's classes for block_stream, and turns
+the jobs' JobError into QMP error classes. Jobs belong to the daemon: the manager runs
 them in a nursery given by its owner and reports through `emit`.
 """
 
@@ -21,9 +22,11 @@ from control.errors import (
     GENERIC_ERROR,
     NOT_SUPPORTED,
     QMPError,
+    generic,
 )
-from vdisk.block.job import Job
+from vdisk.block.job import Job, JobStatus
 from vdisk.block.stream import StreamDevice, StreamJob, find_base
+from vdisk.engine.image import Image
 from vdisk.errors import JobError
 
 log = logging.getLogger("vdisk.jobs")
@@ -56,8 +59,28 @@ def as_qmp_errors() -> Iterator[None]:
         raise qmp_error(exc) from None
 
 
+def _seed_checks(drive: str, device: StreamDevice, job_id: str, busy: bool,
+                 taken: bool) -> None:
+    """The seed's refusals for block_stream, with its classes."""
+    if busy:
+        raise QMPError(DEVICE_IN_USE, f"Device '{drive}' is in use")
+    if taken:
+        raise QMPError(DEVICE_IN_USE, f"Job ID '{job_id}' already in use")
+    if device.top.format_name != "qcow2":
+        raise QMPError(
+            NOT_SUPPORTED,
+            f"Device '{drive}' cannot stream: its top image is {device.top.format_name}",
+        )
+    if device.read_only:
+        raise QMPError(NOT_SUPPORTED, f"Device '{drive}' is read-only")
+
+
 class JobManager:
-    """All block jobs of one daemon, by job id; at most one job per drive."""
+    """All block jobs of one daemon, by job id; at most one job per drive.
+
+    A job stays here (listed, and holding its drive) until it is dismissed: at once when
+    it concludes with auto-dismiss, else by job-dismiss / block-job-dismiss.
+    """
 
     def __init__(self, emit: Emit, spawn: Spawn) -> None:
         self._emit = emit
@@ -74,10 +97,15 @@ class JobManager:
                 return self._jobs[job_id]
         return None
 
+    def get(self, job_id: str) -> StreamJob | None:
+        """The job with this id (QEMU looks jobs up by id only)."""
+        return self._jobs.get(job_id)
+
     def find(self, name: str) -> StreamJob:
-        """The job with this id, or the job on the drive of this name."""
+        """The seed's lookup: the job with this id, or the job on the drive of this name,
+        while it has not ended."""
         job = self._jobs.get(name) or self.job_on_drive(name)
-        if job is None:
+        if job is None or job.concluded or job.status is JobStatus.ABORTING:
             raise QMPError(DEVICE_NOT_ACTIVE, f"No active block job on device '{name}'")
         return job
 
@@ -91,28 +119,25 @@ class JobManager:
         speed: int = 0,
         on_error: str = "report",
         backing_file: str | None = None,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+        seed: bool = False,
     ) -> StreamJob:
-        """Check everything, then start the job in the background and return it."""
-        if job_id is not None and not JOB_ID.fullmatch(job_id):
-            raise QMPError(GENERIC_ERROR, f"Invalid job ID '{job_id}'")
+        """Check everything, then start the job in the background and return it.
+
+        The checks and their wording are QEMU 7.2's block-stream (in its order: base,
+        backing-file, busy drive, read-only, job id, speed), or with `seed` the seed's
+        block_stream classes (DeviceInUse, NotSupported, BaseNotFound).
+        """
         job_id = job_id if job_id is not None else drive
-        if self.job_on_drive(drive) is not None:
-            raise QMPError(DEVICE_IN_USE, f"Device '{drive}' is in use")
-        if job_id in self._jobs:
-            raise QMPError(DEVICE_IN_USE, f"Job ID '{job_id}' already in use")
-        if device.top.format_name != "qcow2":
-            raise QMPError(
-                NOT_SUPPORTED,
-                f"Device '{drive}' cannot stream: its top image is {device.top.format_name}",
-            )
-        if device.read_only:
-            raise QMPError(NOT_SUPPORTED, f"Device '{drive}' is read-only")
+        busy = self.job_on_drive(drive) is not None
+        if seed:
+            _seed_checks(drive, device, job_id, busy, job_id in self._jobs)
+            with as_qmp_errors():
+                base_img = find_base(device.top, base) if base is not None else None
+        else:
+            base_img = self._qemu_checks(drive, device, job_id, base, backing_file, busy)
         with as_qmp_errors():
-            base_img = find_base(device.top, base) if base is not None else None
-            if backing_file is not None and base_img is None:
-                raise QMPError(
-                    GENERIC_ERROR, "backing-file specified, but streaming the entire chain"
-                )
             job = StreamJob(
                 job_id,
                 device,
@@ -122,13 +147,38 @@ class JobManager:
                 backing_file=backing_file,
                 emit=self._emit,
                 on_finish=self._forget,
+                auto_finalize=auto_finalize,
+                auto_dismiss=auto_dismiss,
             )
         self._jobs[job_id] = job
         self._drive_of[job_id] = drive
         log.info("job %s: stream of drive %s started (%d bytes, base %s, speed %d B/s)",
                  job_id, drive, job.len, base or "none", speed)
+        job.start()
         self._spawn(job.run)
         return job
+
+    def _qemu_checks(self, drive: str, device: StreamDevice, job_id: str, base: str | None,
+                     backing_file: str | None, busy: bool) -> Image | None:
+        base_img = None
+        if base is not None:
+            try:
+                base_img = find_base(device.top, base)
+            except JobError:
+                raise generic(f"Can't find '{base}' in the backing chain") from None
+        if backing_file is not None and base_img is None:
+            raise generic("backing file specified, but streaming the entire chain")
+        if busy:
+            raise generic(f"Node '{drive}' is busy: block device is in use by block job: stream")
+        if device.read_only:
+            raise generic("Block node is read-only")
+        if not JOB_ID.fullmatch(job_id):
+            raise generic(f"Invalid job ID '{job_id}'")
+        if job_id in self._jobs:
+            raise generic(f"Job ID '{job_id}' already in use")
+        if device.top.format_name != "qcow2" and device.top.backing is not None:
+            raise generic(f"Node '{drive}': cannot stream into a {device.top.format_name} image")
+        return base_img
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
@@ -138,7 +188,6 @@ class JobManager:
         """Cancel every job and wait until each has emitted its final event."""
         jobs = self.jobs()
         for job in jobs:
-            if not job.cancel_requested:
-                job.cancel()
+            job.request_stop()
         for job in jobs:
             await job.done.wait()

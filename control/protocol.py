@@ -271,6 +271,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _DuplicateKey(ValueError):
+    """An object names a key twice (QEMU's parser refuses it)."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey("duplicate key")
+    return obj
+
+
 def decode_message(chunk: bytes) -> Any:
     """Parse one JSON value from UTF-8 bytes; raises QMPError (GenericError) if invalid."""
     try:
@@ -278,7 +289,8 @@ def decode_message(chunk: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise generic(f"JSON parse error, invalid UTF-8 sequence at byte {e.start}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as e:
         msg = e.msg[:1].lower() + e.msg[1:]
         raise generic(f"JSON parse error, {msg} at byte {e.pos}") from None

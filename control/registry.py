@@ -75,22 +75,28 @@ def _is_type(value: Any, spec: str) -> bool:
     raise ValueError(f"unknown schema type {spec!r}")
 
 
+def _wrong_type(name: str, expected: str) -> QMPError:
+    """QEMU's wording (qobject-input-visitor, QERR_INVALID_PARAMETER_TYPE)."""
+    return generic(f"Invalid parameter type for '{name}', expected: {expected}")
+
+
 def check_value(name: str, value: Any, spec: TypeSpec) -> None:
-    """Raise GenericError naming parameter `name` unless `value` matches `spec`."""
+    """Raise GenericError naming parameter `name` unless `value` matches `spec`, in
+    QEMU 7.2's words: an int out of int64 range is of the wrong type, as there."""
     if isinstance(spec, Enum):
         if not isinstance(value, str):
-            raise generic(f"Parameter '{name}' expects string")
+            raise _wrong_type(name, "string")
         if value not in spec.values:
             raise generic(f"Parameter '{name}' does not accept value '{value}'")
     elif isinstance(spec, ListOf):
         if not isinstance(value, list):
-            raise generic(f"Parameter '{name}' expects array")
+            raise _wrong_type(name, "array")
         for i, item in enumerate(value):
             check_value(f"{name}[{i}]", item, spec.item)
     elif not _is_type(value, spec):
-        raise generic(f"Parameter '{name}' expects {_TYPE_NAMES[spec]}")
+        raise _wrong_type(name, _TYPE_NAMES[spec])
     elif spec == "int" and not INT64_MIN <= value <= INT64_MAX:
-        raise generic(f"Parameter '{name}' expects a 64-bit integer")
+        raise _wrong_type(name, "integer")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers.chains import make_chain
 from tests.helpers.daemon import run_serve, serving
 from tests.helpers.qmp import qmp_session
-from tests.helpers.qsd import needs_qsd, qsd_serving
+from tests.helpers.qsd import needs_qsd, qsd_chain
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
@@ -100,7 +100,7 @@ def test_shape_like_qsd(tmp_path: Path) -> None:
     """query-nodes=true lists the same nodes with the same keys as qemu-storage-daemon;
     a drive's entry has the keys of a node's plus device (QEMU's BlockStats)."""
     chain = make_chain(tmp_path)
-    with qsd_serving(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
+    with qsd_chain(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
         want = q.ok("query-blockstats", **{"query-nodes": True})
         assert q.ok("query-blockstats") == []  # qsd has no drives, only nodes
     with serving(tmp_path, f"id=d0,file={chain['top']},node-name=top") as srv, \

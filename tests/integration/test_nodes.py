@@ -14,7 +14,7 @@ from tests.helpers.chains import make_chain
 from tests.helpers.commands import qemu_img, qemu_info, qemu_map, run
 from tests.helpers.daemon import run_serve, serving
 from tests.helpers.qmp import QMP, qmp_session
-from tests.helpers.qsd import needs_qsd, qsd_serving
+from tests.helpers.qsd import needs_qsd, qsd_chain
 
 
 def by_node(nodes: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -58,7 +58,7 @@ def copy_chain(src: dict[str, Path], dest: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("flat", [False, True])
 def test_named_block_nodes_match_qsd(tmp_path: Path, flat: bool) -> None:
     chain = make_chain(tmp_path)
-    with qsd_serving(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
+    with qsd_chain(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
         want = q.ok("query-named-block-nodes", flat=flat)
     with serving(tmp_path, f"id=d0,file={chain['top']},copy-on-read=off,node-name=top"
                  ) as srv, qmp_session(srv.qmp_path) as q:
@@ -187,7 +187,7 @@ def test_stream_to_base_node_like_qsd(tmp_path: Path, backing_file: str | None) 
     mine = make_chain(tmp_path / "v")
     theirs = copy_chain(mine, tmp_path / "q")
     extra = {} if backing_file is None else {"backing-file": str(mine["base"])}
-    with qsd_serving(tmp_path, theirs["top"]) as sock, qmp_session(sock) as q:
+    with qsd_chain(tmp_path, theirs["top"]) as sock, qmp_session(sock) as q:
         base = next(n["node-name"] for n in q.ok("query-named-block-nodes")
                     if n["drv"] == "raw")
         extra_q = {} if backing_file is None else {"backing-file": str(mine["base"])}
@@ -240,7 +240,7 @@ def test_stream_node_errors_like_qsd(tmp_path: Path) -> None:
         assert q.jobs() == []
         return out
 
-    with qsd_serving(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
+    with qsd_chain(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
         nodes = q.ok("query-named-block-nodes")
         want = answers(q, nodes[0]["node-name"], nodes[1]["node-name"])
     with serving(tmp_path, f"id=d0,file={chain['top']},node-name=top") as srv, \

@@ -10,7 +10,7 @@ from typing import Any
 from tests.helpers.chains import make_chain
 from tests.helpers.daemon import serving
 from tests.helpers.qmp import qmp_session
-from tests.helpers.qsd import needs_qsd, qsd_serving
+from tests.helpers.qsd import needs_qsd, qsd_chain
 
 META = {"builtin", "enum", "array", "object", "alternate", "command", "event"}
 
@@ -64,7 +64,7 @@ def args_of(by_name: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
 @needs_qsd
 def test_schema_against_qsd(tmp_path: Path) -> None:
     chain = make_chain(tmp_path)
-    with qsd_serving(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
+    with qsd_chain(tmp_path, chain["top"]) as sock, qmp_session(sock) as q:
         theirs = check_well_formed(q.ok("query-qmp-schema"))
     with serving(tmp_path, f"id=d0,file={chain['top']}") as srv, \
             qmp_session(srv.qmp_path) as q:

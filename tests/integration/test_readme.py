@@ -149,7 +149,8 @@ def test_qmp_doc_names_every_registered_command_and_argument() -> None:
 
     registry = Daemon(ServeConfig(mount="mnt", qmp="qmp.sock", drives=())).registry
     sections = _qmp_sections()
-    events = {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "SHUTDOWN"}
+    events = {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "SHUTDOWN",
+              "JOB_STATUS_CHANGE", "BLOCK_JOB_PENDING"}
     for name in registry.names():
         assert name in sections, f"docs/QMP.md lacks a section for {name}"
         command = registry.lookup(name)

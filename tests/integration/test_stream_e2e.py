@@ -122,7 +122,8 @@ def test_stream_no_op_cases(tmp_path: Path) -> None:
         # no backing file: completes at once
         assert q.ok("block-stream", device="d1") == {}
         ev = q.wait_event("BLOCK_JOB_COMPLETED", device="d1", timeout=10)
-        assert ev["data"]["offset"] == ev["data"]["len"] == 8 * MiB
+        # as in QEMU 7.2 (test_qmp_errors compares): a job with nothing to do reports 0/0
+        assert ev["data"]["offset"] == ev["data"]["len"] == 0
         assert q.jobs() == []
         assert srv.stop() == 0, srv.stderr
     assert qemu_info(top, "-U")["backing-filename"] == "mid.qcow2"

@@ -287,17 +287,18 @@ GOOD: dict[str, list[Any]] = {
     "ls": [[], ["a", "b"]],
     "a": [None, 1, "x", [], {}],
 }
+# QEMU 7.2's wording (checked against qemu-storage-daemon in
+# tests/integration/test_qmp_errors.py): "Invalid parameter type for 'x', expected: T".
 BAD: dict[str, list[tuple[Any, str]]] = {
-    "s": [(1, "expects string"), (None, "expects string"), ([], "expects string")],
-    "i": [(True, "expects integer"), (1.0, "expects integer"), ("1", "expects integer"),
-          (None, "expects integer"), (2**63, "expects a 64-bit integer"),
-          (-(2**63) - 1, "expects a 64-bit integer")],
-    "b": [(1, "expects boolean"), ("true", "expects boolean"), (None, "expects boolean")],
-    "n": [(True, "expects number"), ("1", "expects number")],
-    "l": [({}, "expects array"), ("x", "expects array")],
-    "d": [([], "expects object"), (1, "expects object")],
-    "e": [("ignore", "does not accept value 'ignore'"), (1, "expects string")],
-    "ls": [(["a", 1], None), ("a", "expects array")],
+    "s": [(1, "string"), (None, "string"), ([], "string")],
+    "i": [(True, "integer"), (1.0, "integer"), ("1", "integer"), (None, "integer"),
+          (2**63, "integer"), (-(2**63) - 1, "integer")],
+    "b": [(1, "boolean"), ("true", "boolean"), (None, "boolean")],
+    "n": [(True, "number"), ("1", "number")],
+    "l": [({}, "array"), ("x", "array")],
+    "d": [([], "object"), (1, "object")],
+    "e": [("ignore", "does not accept value 'ignore'"), (1, "string")],
+    "ls": [(["a", 1], None), ("a", "array")],
 }
 
 
@@ -318,9 +319,11 @@ def test_schema_rejects_with_parameter_name(name: str) -> None:
             validate_arguments(params, args)
         assert ei.value.cls == "GenericError"
         if why is None:  # a list element: named with its index
-            assert ei.value.desc == f"Parameter '{name}[1]' expects string"
-        else:
+            assert ei.value.desc == f"Invalid parameter type for '{name}[1]', expected: string"
+        elif why.startswith("does not"):
             assert ei.value.desc == f"Parameter '{name}' {why}"
+        else:
+            assert ei.value.desc == f"Invalid parameter type for '{name}', expected: {why}"
 
 
 def test_schema_missing_and_unexpected() -> None:
@@ -366,7 +369,7 @@ async def test_registry_runs_validates_and_aliases() -> None:
     assert "set-speed" in reg and "set_speed" in reg
     ctx = ctx_for(reg)
     assert await reg.execute(ctx, "set_speed", {"device": "d", "speed": 5}) == {}
-    with pytest.raises(QMPError, match="Parameter 'speed' expects integer"):
+    with pytest.raises(QMPError, match="Invalid parameter type for 'speed', expected: integer"):
         await reg.execute(ctx, "set-speed", {"device": "d", "speed": "5"})
     with pytest.raises(QMPError, match="Parameter 'device' is missing"):
         await reg.execute(ctx, "set-speed", {"speed": 5})
@@ -406,7 +409,7 @@ async def test_builtin_capabilities_and_quit() -> None:
     assert await reg.execute(ctx, "qmp_capabilities", {"enable": []}) == {}
     with pytest.raises(QMPError, match="Capability 'oob' is not available"):
         await reg.execute(ctx, "qmp_capabilities", {"enable": ["oob"]})
-    with pytest.raises(QMPError, match=r"Parameter 'enable\[0\]' expects string"):
+    with pytest.raises(QMPError, match=r"Invalid parameter type for 'enable\[0\]', expected: string"):
         await reg.execute(ctx, "qmp_capabilities", {"enable": [1]})
     assert await reg.execute(ctx, "quit", {}) == {}
     assert ctx.backend.quits == 0  # type: ignore[attr-defined]

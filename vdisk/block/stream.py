@@ -118,10 +118,13 @@ class StreamJob(Job):
         status_fn: StatusFn | None = None,
         chunk: int = CHUNK,
         on_finish: Callable[[Job], None] | None = None,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
     ) -> None:
-        super().__init__(job_id, device.size, speed=speed, emit=emit, on_finish=on_finish)
         if on_error not in ON_ERROR:
             raise JobError("invalid", f"Parameter 'on-error' does not accept value '{on_error}'")
+        super().__init__(job_id, device.size, speed=speed, emit=emit, on_finish=on_finish,
+                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.device = device
         self.base = base
         self.on_error = on_error
@@ -186,7 +189,7 @@ class StreamJob(Job):
     async def _work(self) -> None:
         top = self.device.top
         if top.backing is None or top.backing is self.base:
-            self.offset = self.len  # nothing above base to copy
+            self.len = self.offset = 0  # nothing above base to copy (QEMU: no progress)
             return
         window = self._chunk  # status look-ahead: grows over skipped runs, resets on copy
         precise = False  # after a failed step: copy run by run, so errors hit one run
@@ -240,12 +243,14 @@ class StreamJob(Job):
         except OSError as exc:
             log.warning("job %s: flushing the copied data failed: %s", self.id, exc)
 
-    async def _complete(self) -> None:
-        """Flush what was copied, then repoint the header and switch the live chain."""
+    async def _prepare(self) -> None:
+        """Flush what was copied: it is on disk before the header points past it."""
         await self.device.flush()
+
+    async def _commit(self) -> None:
+        """Repoint the header at base (or drop the backing file) and switch the chain."""
         if self.device.top.backing is not self.base:
             if self.backing_file is not None:
                 await self.device.set_backing(self.base, name=self.backing_file)
             else:
                 await self.device.set_backing(self.base)
-

@@ -87,8 +87,7 @@ async def _stream(path: str, base_name: str | None, speed: int, owner_check: boo
 async def _cancel_on_signal(job: StreamJob, scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            if not job.cancel_requested:
-                job.cancel()
+            job.request_stop()
 
 
 def _report(path: str, events: list[tuple[str, dict[str, Any]]], progress: Progress, top: Any) -> int:
