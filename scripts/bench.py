@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--no-remote", action="store_true",
                    help="skip the remote-base figures (NBD with nbdkit's delay, HTTP with nginx)")
+    p.add_argument("--only-remote", action="store_true",
+                   help="only the remote-base figures")
     args = p.parse_args(argv)
     size = args.size or ((64 << 20) if args.quick else (1 << 30))
     runtime = args.runtime or (2.0 if args.quick else 10.0)
@@ -145,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         vdisk_src = describe_vdisk(args.vdisk_rev, work)
         print(f"bench: vdisk: {vdisk_src}", flush=True)
         print(f"bench: building a {size >> 20} MiB chain in {work}", flush=True)
-        chain = build_chain(work / "src", size)
+        chain = build_chain(work / "src", (16 << 20) if args.only_remote else size)
         settings = Settings(work=work, runtime=runtime, ramp=ramp, profile=args.profile,
                             log=work / "fio.log")
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         bench = Bench(chain, settings)
-        ref = bench.run_all(remote=not args.no_remote,
+        ref = bench.run_all(remote=not args.no_remote, local=not args.only_remote,
                             remote_size=(16 << 20) if args.quick else (256 << 20))
     except KeyboardInterrupt:
         print("bench: interrupted; cleaned up", file=sys.stderr)

@@ -214,14 +214,17 @@ class Bench:
         self.check_same_view(chain, "rebase")
         return took
 
-    def run_all(self, remote: bool = True, remote_size: int = 256 * MiB) -> dict[str, Any]:
+    def run_all(self, remote: bool = True, remote_size: int = 256 * MiB, local: bool = True
+                ) -> dict[str, Any]:
         ref: dict[str, Any] = {}
-        for step in (self.main_io, self.cor_read, self.stream, self.stream_latency, self.sparse):
+        steps = (self.main_io, self.cor_read, self.stream, self.stream_latency, self.sparse)
+        for step in steps if local else ():
             for name in SIDES:
                 step(name)
                 self.drop_copies()
-        ref["qemu_img_rebase_s"] = self.rebase()
-        self.drop_copies()
+        if local:
+            ref["qemu_img_rebase_s"] = self.rebase()
+            self.drop_copies()
         if remote:
             for name, figs in run_remote(self.s.work / "remote", self.say, self.s.log,
                                          remote_size).items():
