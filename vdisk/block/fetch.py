@@ -21,7 +21,7 @@ from vdisk.engine.remote import RemoteSource
 
 log = logging.getLogger("vdisk.fetch")
 
-FETCH_PIECE = 512 << 10  # bytes per request to a server
+FETCH_PIECE = 1 << 20  # bytes per request to a server
 TARGET_RATE = 1 << 30  # bytes/s a window aims at: the bandwidth-delay product sizes it
 DEFAULT_INFLIGHT = 16  # requests in flight per device, at most
 LOG_EVERY = 10.0  # seconds between two log lines about the same failing source
@@ -91,7 +91,8 @@ class Fetcher:
             t0 = time.monotonic()
             f.data = await trio.to_thread.run_sync(source.pread, length, host,
                                                    limiter=self._limiter)
-            self._latency = 0.8 * self._latency + 0.2 * (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self._latency = took if not self._latency else 0.8 * self._latency + 0.2 * took
             return f.data
         except OSError as e:
             f.error = e
@@ -109,8 +110,10 @@ class Fetcher:
 
     @property
     def window(self) -> int:
-        """Requests a stream step keeps in flight: the bandwidth-delay product."""
-        return max(2, min(self.inflight, round(self._latency * TARGET_RATE / FETCH_PIECE)))
+        """Requests a stream step asks for: the bandwidth-delay product, up to twice what
+        may be in flight (the second half is fetched while the first is written)."""
+        return max(8, min(2 * self.inflight,
+                          round(2 * self._latency * TARGET_RATE / FETCH_PIECE)))
 
     @property
     def step(self) -> int:

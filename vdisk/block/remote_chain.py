@@ -26,6 +26,7 @@ from vdisk.engine.image import Image, Status
 from vdisk.engine.plan import Piece, read_plan
 
 T = TypeVar("T")
+SUB_RUN = 2 << 20  # bytes of a copy fetched and written as one part
 
 
 def has_remote_below(top: Image) -> bool:
@@ -141,8 +142,8 @@ class RemoteChain:
                     return False
                 return zeroes or not pc.zero
 
-            copied += await self._write_clusters(top, pos, pos + n, cs, pieces, needed,
-                                                 pieces_out)
+            copied += await _first_error(self._write_clusters(top, pos, pos + n, cs, pieces,
+                                                              needed, pieces_out))
             pos += n
         return copied
 
@@ -164,18 +165,41 @@ class RemoteChain:
                 runs[-1][2] |= is_data
             else:
                 runs.append([max(c0, a), c1, is_data])
-        copied = 0
+        # Each run is cut into parts of SUB_RUN bytes, all fetched at once (as many in
+        # flight as the fetcher allows) and written in order as each one arrives, so the
+        # writes into the top overlap the fetches still under way.
+        parts: list[tuple[int, int, bool]] = []
         for r0, r1, has_data in runs:
             if not has_data and all(pc.zero or pc.layer is None for pc in _within(pieces, r0, r1)):
-                await self._top(top, "zeroes", r0, r1 - r0,
-                                partial(top.write_zeroes, unmap=False), r0, r1 - r0)
-            else:
-                buf = bytearray(r1 - r0)
-                await _first_error(self._fill(memoryview(buf), r0, _within(pieces, r0, r1)))
-                await self._top(top, "write", r0, len(buf), top.write, r0, buf)
-                if pieces_out is not None:
-                    pieces_out.append((r0, bytes(buf)))
-            copied += r1 - r0
+                parts.append((r0, r1, False))
+                continue
+            step = max(SUB_RUN // cs, 1) * cs
+            parts += [(p0, min(p0 + step, r1), True) for p0 in range(r0, r1, step)]
+        bufs: dict[int, bytearray] = {}
+        arrived = {p0: trio.Event() for p0, _, data in parts if data}
+
+        async def fetch(p0: int, p1: int) -> None:
+            buf = bytearray(p1 - p0)
+            await self._fill(memoryview(buf), p0, _within(pieces, p0, p1))
+            bufs[p0] = buf
+            arrived[p0].set()
+
+        copied = 0
+        async with trio.open_nursery() as nursery:
+            for p0, p1, data in parts:
+                if data:
+                    nursery.start_soon(fetch, p0, p1)
+            for p0, p1, data in parts:
+                if not data:
+                    await self._top(top, "zeroes", p0, p1 - p0,
+                                    partial(top.write_zeroes, unmap=False), p0, p1 - p0)
+                else:
+                    await arrived[p0].wait()
+                    buf = bufs.pop(p0)
+                    await self._top(top, "write", p0, len(buf), top.write, p0, buf)
+                    if pieces_out is not None:
+                        pieces_out.append((p0, bytes(buf)))
+                copied += p1 - p0
         return copied
 
 
@@ -189,10 +213,10 @@ def _within(pieces: list[Piece], a: int, b: int) -> list[Piece]:
     return out
 
 
-async def _first_error(aw: Awaitable[None]) -> None:
+async def _first_error(aw: Awaitable[T]) -> T:
     """Await aw; an exception group of OSErrors from its nursery becomes its first one."""
     try:
-        await aw
+        return await aw
     except BaseExceptionGroup as eg:
         err = eg.subgroup(OSError)
         if err is None:
