@@ -379,8 +379,8 @@ class Qcow2Image(Image):
             self.read_into(goff, memoryview(buf)[:m])
         return bytes(buf)
 
-    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
-        """(fd, host offset, n): the first n <= length bytes at offset are plain data stored
+    def plain_run(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(host offset, n): the first n <= length bytes at offset are plain data stored
         contiguously in this file; None if not (unallocated, zero, compressed, ...)."""
         self._check_range(offset, length)
         if not length:
@@ -390,7 +390,11 @@ class Qcow2Image(Image):
         run = self.map.map(offset, end)[0]
         if run.kind != DATA or run.host + run.length > self.f.size:
             return None
-        return self.f.fd, run.host, run.length
+        return run.host, run.length
+
+    def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        found = self.plain_run(offset, length)
+        return None if found is None else (self.f.fd, *found)
 
     # -- writes -----------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, cast
 from vdisk.engine.qcow2.fileio import Reader
 from vdisk.engine.qcow2.header import parse_header
 from vdisk.engine.qcow2.image import Qcow2Image
-from vdisk.engine.qcow2.layout import DATA
 from vdisk.engine.qcow2.open import check_policy
 
 if TYPE_CHECKING:
@@ -29,15 +28,10 @@ class SourceQcow2Image(Qcow2Image):
     def remote_location(self, offset: int, length: int) -> tuple[RemoteSource, int, int] | None:
         """Where a prefix of the range lies as plain data in the source (the L2 tables
         it needs are read here, over the network if they are not cached)."""
-        self._check_range(offset, length)
-        if not length or self.f.reader is None:
+        found = self.plain_run(offset, length)
+        if found is None or self.f.reader is None:
             return None
-        cb = self.map.chunk_bits
-        end = min(offset + length, ((offset >> cb) + 1) << cb)
-        run = self.map.map(offset, end)[0]
-        if run.kind != DATA or run.host + run.length > self.f.size:
-            return None
-        return cast("RemoteSource", self.f.reader), run.host, run.length
+        return cast("RemoteSource", self.f.reader), *found
 
     def fileno(self) -> int:
         return super(Qcow2Image, self).fileno()  # Image's: EBADF, there is no descriptor
