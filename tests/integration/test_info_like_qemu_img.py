@@ -57,7 +57,7 @@ class Entry:
 
 
 def edit_snapshots(path: Path, edit: Callable[[list[Entry]], None]) -> None:
-    """Rewrite the snapshot table in place (edit may only keep or shrink its size)."""
+    """Rewrite the snapshot table in place (within the clusters it has: 64 KiB ones)."""
     with path.open("r+b") as f:
         hdr = f.read(72)
         count, table = struct.unpack_from(">IQ", hdr, 60)
@@ -73,7 +73,7 @@ def edit_snapshots(path: Path, edit: Callable[[list[Entry]], None]) -> None:
             entries.append(e)
         edit(entries)
         raw = b"".join(e.pack() for e in entries)
-        assert len(raw) <= size
+        assert table + len(raw) <= -(-(table + size) // 65536) * 65536  # its clusters
         f.seek(table)
         f.write(raw)
 
@@ -191,3 +191,36 @@ def test_backing_chain_and_raw(tmp_path: Path) -> None:
         both_outputs(name, tmp_path, "--backing-chain")
         both_outputs(name, tmp_path)
     both_outputs(base.name, tmp_path, "-f", "raw")
+
+
+def test_snapshot_names_as_qemu_cuts_them(tmp_path: Path) -> None:
+    """QEMU lists at most 127 bytes of an id and 255 of a name, each up to a NUL byte; a
+    cut inside a UTF-8 sequence shows as U+FFFD in JSON and as the bytes in the table."""
+    img = tmp_path / "names.qcow2"
+    snapshots_image(img, ["a", "b", "c"])
+
+    def edit(es: list[Entry]) -> None:
+        es[0].name = "é".encode() * 200
+        es[0].ident = b"7" * 200
+        es[1].name = b"ab\0cd"
+        es[2].name = b"x" * 254 + "☃".encode()
+
+    edit_snapshots(img, edit)
+    human, js = both_outputs(img.name, tmp_path)
+    assert "\\uFFFD" in js and "ab " in human
+
+
+def test_bad_snapshot_table(tmp_path: Path) -> None:
+    """A snapshot entry with more than 1 KiB of extra data: qemu-img refuses the image,
+    vdisk info too, in one line naming it."""
+    img = tmp_path / "bad.qcow2"
+    snapshots_image(img, ["a"])
+
+    def edit(es: list[Entry]) -> None:
+        es[0].extra = bytes(1032)
+
+    edit_snapshots(img, edit)
+    assert subprocess.run(["qemu-img", "info", img], capture_output=True).returncode != 0
+    res = subprocess.run(vdisk_cmd("info", img), capture_output=True, text=True)
+    assert res.returncode != 0 and not res.stdout
+    assert res.stderr.count("\n") == 1 and str(img) in res.stderr, res.stderr
