@@ -132,7 +132,8 @@ def test_snapshot_list_values(tmp_path: Path) -> None:
 
 def test_bitmaps_listed(tmp_path: Path) -> None:
     """Bitmaps with the auto flag, none (disabled), the in-use flag (left by a program that
-    did not close the image), granularities from 512 B to 2 GiB, and UTF-8 names."""
+    did not close the image), granularities from 512 B to 2 GiB, and UTF-8 names; none
+    once the bitmaps autoclear bit is off."""
     img = tmp_path / "bm.qcow2"
     qemu_img("create", "-f", "qcow2", img, "1G")
     qemu_img("bitmap", "--add", img, "b0")
@@ -145,6 +146,14 @@ def test_bitmaps_listed(tmp_path: Path) -> None:
     set_in_use(img, "in-use")
     human, js = both_outputs(img.name, tmp_path)
     assert '"in-use"' in js
+
+    with img.open("r+b") as f:  # autoclear bit 0 off: an old program wrote the image
+        f.seek(88)
+        bits = struct.unpack(">Q", f.read(8))[0]
+        f.seek(88)
+        f.write(struct.pack(">Q", bits & ~1))
+    human, js = both_outputs(img.name, tmp_path)
+    assert '"bitmaps"' not in js
 
 
 def set_in_use(path: Path, name: str) -> None:
