@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from vdisk.cli._common import add_owner_check_option, layer_names, open_top, size_to_str
+from vdisk.cli._info_extras import add_extras, snapshot_table, snapshots_of
+from vdisk.cli._info_json import dumps, image_info_order
 from vdisk.engine.chain import close_chain, iter_chain, path_combine
 from vdisk.engine.image import Image
 from vdisk.engine.remote.url import redact
@@ -16,8 +17,10 @@ _BACKING_KEYS = ("backing-filename", "full-backing-filename", "backing-filename-
 
 
 def layer_info(img: Image, name: str) -> dict[str, Any]:
-    """The qemu-img info keys for one opened image, named as the user (or chain) names it."""
+    """The qemu-img info keys for one opened image, named as the user (or chain) names it,
+    in the order qemu-img prints them."""
     info = dict(img.info())
+    add_extras(img, info)
     info["filename"] = name
     for key in _BACKING_KEYS:
         info.pop(key, None)
@@ -26,7 +29,7 @@ def layer_info(img: Image, name: str) -> dict[str, Any]:
         info["full-backing-filename"] = redact(path_combine(name, img.backing_name))
         if img.backing_format:
             info["backing-filename-format"] = img.backing_format
-    return info
+    return image_info_order(info)
 
 
 def _dump(value: Any, indent: int, lines: list[str]) -> None:
@@ -50,8 +53,8 @@ def _scalar(val: Any) -> str:
     return str(val)
 
 
-def human(info: dict[str, Any]) -> str:
-    """One image's block of `qemu-img info` human output."""
+def human(info: dict[str, Any], img: Image | None = None) -> str:
+    """One image's block of `qemu-img info` human output (img: for its snapshot table)."""
     vs = info["virtual-size"]
     actual = info.get("actual-size")
     lines = [
@@ -76,6 +79,8 @@ def human(info: dict[str, Any]) -> str:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if img is not None and "snapshots" in info:
+        lines += snapshot_table(snapshots_of(img))
     spec = info.get("format-specific")
     if isinstance(spec, dict) and isinstance(spec.get("data"), dict):
         lines.append("Format specific information:")
@@ -90,13 +95,14 @@ def run(args: argparse.Namespace) -> int:
         layers = list(iter_chain(top)) if args.backing_chain else [top]
         names = layer_names(top, args.file)
         infos = [layer_info(img, names[i]) for i, img in enumerate(layers)]
+        if args.output == "json":
+            text = dumps(infos if args.backing_chain else infos[0]) + "\n"
+        else:
+            text = "\n".join(human(i, img) for i, img in zip(infos, layers, strict=True))
     finally:
         close_chain(top)
-    if args.output == "json":
-        doc: Any = infos if args.backing_chain else infos[0]
-        sys.stdout.write(json.dumps(doc, indent=4) + "\n")
-    else:
-        sys.stdout.write("\n".join(human(i) for i in infos))
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
     return 0
 
 
