@@ -25,8 +25,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from control.block_jobs import register_block_jobs
-from control.builtin import make_registry
 from control.registry import Enum, ListOf, Registry, TypeSpec
 from tests.helpers.commands import qemu_img, qemu_io
 from tests.helpers.daemon import Served, cleanup, start
@@ -468,9 +466,9 @@ json_values = st.recursive(
 
 def daemon_registry() -> Registry:
     """The registry `vdisk serve` builds (checked against query-commands)."""
-    registry = make_registry()
-    register_block_jobs(registry)
-    return registry
+    from vdisk.service.daemon import Daemon, ServeConfig
+
+    return Daemon(ServeConfig(mount="mnt", qmp="qmp.sock", drives=())).registry
 
 
 REGISTRY = daemon_registry()
