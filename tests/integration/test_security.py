@@ -263,9 +263,9 @@ BAD_BACKING = [
     ("nbd:localhost:10809", "protocol 'nbd:'"),
     ("ssh://host/disk.img", "protocol 'ssh:'"),
     ("iscsi://host/iqn.x/0", "protocol 'iscsi:'"),
-    ("/dev/zero", "a device"),
-    ("/dev/null", "a device"),
-    ("zero-link", "a device"),
+    ("/dev/zero", "a character device"),
+    ("/dev/null", "a character device"),
+    ("zero-link", "a character device"),
     ("fifo", "a FIFO"),
     ("file:fifo", "a FIFO"),  # QEMU: relative to the current directory
     ("file:{dir}/fifo", "a FIFO"),
@@ -351,8 +351,8 @@ def test_remote_backing_that_does_not_answer_is_one_line(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "reason"), [
-    ("/dev/zero", "a device"), ("fifo", "a FIFO"), ("dir", "a directory"),
-    ("sock", "a socket"), ("zero-link", "a device"),
+    ("/dev/zero", "a character device"), ("fifo", "a FIFO"), ("dir", "a directory"),
+    ("sock", "a socket"), ("zero-link", "a character device"),
 ])
 def test_image_that_is_not_a_plain_file_is_refused(
     odd_files: Path, name: str, reason: str

@@ -69,7 +69,8 @@ def test_stream_to_base_keeps_base(tmp_path: Path) -> None:
         assert "error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"]
         assert sha(srv.path("d0")) == want
         blk = q.ok("query-block")[0]["inserted"]  # the live chain switched
-        assert blk["backing_file_depth"] == 1 and blk["backing_file"] == "base.qcow2"
+        # as qsd 7.2 reports it: the backing node's file name as opened (absolute)
+        assert blk["backing_file_depth"] == 1 and blk["backing_file"] == str(base.resolve())
         assert srv.stop() == 0, srv.stderr
     meta = qemu_info(top, "-U")
     assert Path(meta["full-backing-filename"]).resolve() == base.resolve()
@@ -95,7 +96,7 @@ def test_stream_backing_file_string(tmp_path: Path) -> None:
     spelled = f"{tmp_path}/./base.qcow2"
     with serving(tmp_path, drive(top)) as srv, qmp_session(srv.qmp_path) as q:
         assert q.err("block-stream", device="d0", **{"backing-file": spelled}) == (
-            "GenericError", "backing-file specified, but streaming the entire chain")
+            "GenericError", "backing file specified, but streaming the entire chain")  # qsd's
         q.ok("block-stream", device="d0", base="base.qcow2", **{"backing-file": spelled})
         ev = q.wait_event("BLOCK_JOB_COMPLETED")
         assert "error" not in ev["data"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -55,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _stream(path: str, base_name: str | None, speed: int, owner_check: bool) -> int:
-    top = open_chain(path, backing_owner_check=owner_check,
-                     format_hint="only qcow2 images can be streamed into")
+    # in a thread: opening may connect to servers, and a failed open closes with a sync
+    top = await trio.to_thread.run_sync(partial(
+        open_chain, path, backing_owner_check=owner_check,
+        format_hint="only qcow2 images can be streamed into"))
     dev = BlockDevice("stream", top, copy_on_read=False, read_only=False)
     try:
         if top.format_name != "qcow2":
