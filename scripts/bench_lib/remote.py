@@ -67,6 +67,7 @@ def nginx(root: Path, work: Path) -> Iterator[str]:
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""daemon off;
+master_process off;  # one process, as the caller: it can read the caller's 0700 folders
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log;
