@@ -49,9 +49,9 @@ class _Counting(BlockDevice):
 
     threaded = 0
 
-    async def _threaded(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _in_thread(self, fn, *args):  # type: ignore[no-untyped-def]
         self.threaded += 1
-        return await super()._threaded(fn, *args)
+        return await super()._in_thread(fn, *args)
 
 
 def _device(top: str, *, l2_tables: int | None = None) -> _Counting:

@@ -86,11 +86,19 @@ class BlockDevice:
 
     # -- engine access ---------------------------------------------------------------
 
-    async def _call(self, blocks: bool, fn: Callable[..., T], *args: object) -> T:
-        """Run an engine call: in a worker thread if it may block, else inline."""
-        if blocks:
+    async def _call(self, blocks: Callable[[], bool], fn: Callable[..., T], *args: object
+                    ) -> T:
+        """Run an engine call: in a worker thread if blocks() says it may block, else
+        inline. blocks() is asked again once the engine lock is ours when it had to be
+        waited for: a call that ran meanwhile may have changed the answer."""
+        if self._engine_threads:
             return await self._threaded(fn, *args)
-        return await self._inline(fn, *args)
+        if not self._engine_lock.locked() and not blocks():
+            return fn(*args)
+        async with self._engine_lock:
+            if blocks():
+                return await self._in_thread(fn, *args)
+            return fn(*args)
 
     def _chain_blocks(self, op: str, offset: int, length: int) -> bool:
         """True if op on the range may block in any layer of the chain."""
@@ -101,19 +109,14 @@ class BlockDevice:
             img = img.backing
         return False
 
-    async def _inline(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a short engine call in the trio thread, serialized with threaded calls."""
-        if self._engine_threads:
-            return await self._threaded(fn, *args)
-        if not self._engine_lock.locked():
-            return fn(*args)
-        async with self._engine_lock:
-            return fn(*args)
-
     async def _threaded(self, fn: Callable[..., T], *args: object) -> T:
         """Run an engine call that may sleep on the disk in a worker thread."""
         async with self._engine_lock:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await self._in_thread(fn, *args)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) in the worker thread; the caller holds the engine lock."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -158,6 +161,9 @@ class BlockDevice:
             run = min(-(-(off + run) // cs) * cs, off + ext.length, end) - off
         return run, status, None
 
+    def _kernel_copy_blocks(self, off: int, run: int, src: Image) -> bool:
+        return self.top.may_block("write", off, run) or src.may_block("status", off, run)
+
     def _copy_in_kernel(self, off: int, run: int, src: Image) -> int:
         """Copy a run that src holds as plain data into the top with copy_file_range (no
         bytes through Python); the bytes done (a prefix), 0 if not possible here."""
@@ -185,24 +191,24 @@ class BlockDevice:
         off = start
         while off < end:
             n = min(end - off, COPY_PIECE)
-            run, what, src = await self._call(self._chain_blocks("status", off, n),
+            run, what, src = await self._call(partial(self._chain_blocks, "status", off, n),
                                               self._next_copy, off, end, base)
             if what is Status.ZERO and not zeroes:
                 what = None
             if what is Status.DATA and src is not None and pieces is None:
-                blocks = top.may_block("write", off, run) or src.may_block("status", off, run)
-                done = await self._call(blocks, self._copy_in_kernel, off, run, src)
+                done = await self._call(partial(self._kernel_copy_blocks, off, run, src),
+                                        self._copy_in_kernel, off, run, src)
                 if done:
                     copied += done
                     off += done
                     continue
             if what is Status.DATA:
-                data = await self._call(top.may_block("read", off, run), top.read, off, run)
-                await self._call(top.may_block("write", off, run), top.write, off, data)
+                data = await self._call(partial(top.may_block, "read", off, run), top.read, off, run)
+                await self._call(partial(top.may_block, "write", off, run), top.write, off, data)
                 if pieces is not None:
                     pieces.append((off, data))
             elif what is Status.ZERO:
-                await self._call(top.may_block("zeroes", off, run),
+                await self._call(partial(top.may_block, "zeroes", off, run),
                                  partial(top.write_zeroes, unmap=False), off, run)
             if what is not None:
                 copied += run
@@ -252,7 +258,7 @@ class BlockDevice:
         if self.remote is not None:
             return await self._read_remote(self.remote, offset, length)
         if self.copy_on_read and top.backing is not None:
-            ext = await self._call(top.may_block("status", offset, length),
+            ext = await self._call(partial(top.may_block, "status", offset, length),
                                    top.layer_status, offset, length)
             if ext.status is Status.UNALLOCATED or ext.length < length:
                 start, end = self._span(offset, length)
@@ -265,18 +271,18 @@ class BlockDevice:
                     for off, data in pieces:  # what was just copied is the guest view
                         if off <= offset and offset + length <= off + len(data):
                             return data[offset - off:offset - off + length]
-                    return await self._call(top.may_block("read", offset, length),
+                    return await self._call(partial(top.may_block, "read", offset, length),
                                             top.read, offset, length)
-        return await self._call(top.may_block("read", offset, length), top.read, offset, length)
+        return await self._call(partial(top.may_block, "read", offset, length), top.read, offset, length)
 
     async def _read_remote(self, remote: RemoteChain, offset: int, length: int) -> bytes:
         top = self.top
         if not self.copy_on_read:
             return await remote.read(top, offset, length)
-        ext = await self._call(top.may_block("status", offset, length),
+        ext = await self._call(partial(top.may_block, "status", offset, length),
                                top.layer_status, offset, length)
         if ext.status is not Status.UNALLOCATED and ext.length >= length:
-            return await self._call(top.may_block("read", offset, length),
+            return await self._call(partial(top.may_block, "read", offset, length),
                                     top.read, offset, length)
         start, end = self._span(offset, length)
         async with self._locks.hold(start, end):
@@ -329,12 +335,12 @@ class BlockDevice:
             start, end = self._span(offset, len(data))
             async with self._locks.hold(start, end):
                 await self._fill_partial(self.remote, offset, len(data))
-                await self._call(self.top.may_block("write", offset, len(data)),
+                await self._call(partial(self.top.may_block, "write", offset, len(data)),
                                  self.top.write, offset, data)
             self.stats.write(offset, len(data), t0)
             return
         async with self._locks.hold(offset, offset + len(data)):
-            await self._call(self.top.may_block("write", offset, len(data)),
+            await self._call(partial(self.top.may_block, "write", offset, len(data)),
                              self.top.write, offset, data)
         self.stats.write(offset, len(data), t0)
 
@@ -348,12 +354,12 @@ class BlockDevice:
             start, end = self._span(offset, length)
             async with self._locks.hold(start, end):
                 await self._fill_partial(self.remote, offset, length)
-                await self._call(self.top.may_block("zeroes", offset, length),
+                await self._call(partial(self.top.may_block, "zeroes", offset, length),
                                  partial(self.top.write_zeroes, unmap=unmap), offset, length)
             self._count_zeroes(offset, length, unmap, t0)
             return
         async with self._locks.hold(offset, offset + length):
-            await self._call(self.top.may_block("zeroes", offset, length),
+            await self._call(partial(self.top.may_block, "zeroes", offset, length),
                              partial(self.top.write_zeroes, unmap=unmap), offset, length)
         self._count_zeroes(offset, length, unmap, t0)
 
@@ -414,7 +420,7 @@ class BlockDevice:
         self._check_open()
         if self.remote is not None:
             return await self.remote.status(self.top, offset, length, base)
-        return await self._call(self._chain_blocks("status", offset, length),
+        return await self._call(partial(self._chain_blocks, "status", offset, length),
                                 partial(chain_status, self.top, base=base), offset, length)
 
     @property
@@ -444,7 +450,7 @@ class BlockDevice:
             if self.remote is not None:
                 run, _, status = await self.remote.status(self.top, off, n, None)
             else:
-                run, _, status = await self._call(self._chain_blocks("status", off, n),
+                run, _, status = await self._call(partial(self._chain_blocks, "status", off, n),
                                                   chain_status, self.top, off, n)
             if (status is Status.DATA) == want_data:
                 return off

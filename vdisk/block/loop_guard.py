@@ -30,7 +30,7 @@ class BlockingOnLoopError(RuntimeError):
 
 
 def _report(what: str) -> str:
-    stack = "".join(traceback.format_stack(limit=12)[:-2])
+    stack = "".join(traceback.format_stack(limit=40)[:-2])
     text = f"blocking call on the event-loop thread: {what}\n{stack}"
     path = os.environ.get(ENV_LOG)
     if path:

@@ -50,7 +50,7 @@ class RemoteChain:
     async def _top(self, top: Image, op: str, offset: int, length: int,
                    fn: Callable[..., T], *args: object) -> T:
         """fn(*args) on the top under the engine lock; in the thread if op may block."""
-        result = await self.call(top.may_block(op, offset, length), fn, *args)
+        result = await self.call(partial(top.may_block, op, offset, length), fn, *args)
         return result  # type: ignore[return-value]
 
     # -- status -----------------------------------------------------------------------
