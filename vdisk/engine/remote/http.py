@@ -118,7 +118,10 @@ class HttpSource:
         except BaseException:
             client.close()
             raise
-        src = cls(spec, url, client, size, read_timeout, _own_pool(last, client, tls))
+        pool = _own_pool(last, client, tls)
+        if pool is not None:
+            client.close()  # its connection would idle: the reads go over the pool
+        src = cls(spec, url, client, size, read_timeout, pool)
         if head:
             src._buffers[0] = head
         log.debug("%s: %d bytes over HTTP range requests", spec.display, size)
