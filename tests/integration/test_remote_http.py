@@ -233,3 +233,151 @@ def test_a_dead_server_fails_within_the_deadline(server: Nginx) -> None:
         assert time.monotonic() - t < 2.5
     finally:
         src.close()
+
+
+def _random_reads(src: HttpSource, data: bytes, seed: int, count: int) -> list[str]:
+    """count random ranges (some past the end) through pread and pread_into: the bad ones."""
+    import random
+
+    rnd = random.Random(seed)
+    bad: list[str] = []
+    for i in range(count):
+        n = rnd.choice([1, 511, 4096, 65536 + 3, 300_000, 1 << 20, (2 << 20) + 5])
+        off = rnd.randrange(0, SIZE + 4096)
+        want = data[off:off + n]
+        want += bytes(n - len(want))
+        if i % 2:
+            got = src.pread(n, off)
+        else:
+            buf = bytearray(b"\xaa" * n)
+            src.pread_into(memoryview(buf), off)
+            got = bytes(buf)
+        if got != want:
+            bad.append(f"{seed}:{off}+{n}")
+    return bad
+
+
+def _in_threads(src: HttpSource, data: bytes, threads: int, count: int) -> list[str]:
+    bad: list[str] = []
+
+    def reader(seed: int) -> None:
+        bad.extend(_random_reads(src, data, seed, count))
+
+    workers = [threading.Thread(target=reader, args=(s,)) for s in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return bad
+
+
+def test_random_ranges_in_threads_equal_the_file(server: Nginx, data: bytes) -> None:
+    src = _open(server.url("img/base.raw"))
+    try:
+        assert _in_threads(src, data, threads=12, count=40) == []
+    finally:
+        src.close()
+    lines = server.requests()
+    assert all(" 206 " in line for line in lines)
+    # the reads went over at most POOL_SIZE kept-alive connections (plus the open's)
+    assert len({line.split()[0] for line in lines}) <= POOL_SIZE + 1 < len(lines)
+
+
+class _CutRelay:
+    """A TCP relay in front of nginx: once armed, the next connection passes `cut` bytes
+    of the server's answer, sets `paused`, and is dropped when `go` is set (what a client
+    sees when the server dies in the middle of a body). Other connections pass whole."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut: int | None = None
+        self.paused, self.go = threading.Event(), threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            cut, self.cut = self.cut, None
+            threading.Thread(target=self._serve, args=(client, cut), daemon=True).start()
+
+    def _serve(self, client: socket.socket, cut: int | None) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pipe, args=(client, up, None), daemon=True).start()
+        self._pipe(up, client, cut)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, cut: int | None) -> None:
+        sent = 0
+        try:
+            while cut is None or sent < cut:
+                chunk = src.recv(65536 if cut is None else min(65536, cut - sent))
+                if not chunk:
+                    break
+                dst.sendall(chunk)
+                sent += len(chunk)
+            if cut is not None:
+                self.paused.set()
+                self.go.wait(10)
+        except OSError:
+            pass
+        finally:  # shut down first: the other direction's thread holds them in recv
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_a_server_restart_in_the_middle_of_a_body_is_retried(server: Nginx,
+                                                             data: bytes) -> None:
+    relay = _CutRelay(server.port)
+    src = _open(f"http://127.0.0.1:{relay.port}/img/base.raw", timeout=10.0, readahead=0)
+
+    def restart() -> None:
+        relay.paused.wait(10)
+        server.stop()  # nginx dies with the body half sent
+        relay.go.set()
+        time.sleep(0.5)
+        server.start()
+
+    try:
+        relay.cut = 300_000  # the answer's head and part of its body
+        helper = threading.Thread(target=restart)
+        helper.start()
+        t = time.monotonic()
+        buf = bytearray(2 << 20)
+        src.pread_into(memoryview(buf), 1 << 20)
+        helper.join()
+        assert relay.paused.is_set() and time.monotonic() - t >= 0.4
+        assert bytes(buf) == data[1 << 20:3 << 20]
+        assert src.requests >= 2
+    finally:
+        src.close()
+        relay.close()
+
+
+@pytest.mark.slow
+def test_https_reads_in_threads_over_the_pool(tmp_path: Path, data: bytes) -> None:
+    ca, cert, key = make_ca(tmp_path / "pki")
+    with Nginx(tmp_path, tmp_path / "root", tls=(cert, key)) as n:
+        src = _open(n.url("moved/base.raw"), ca_file=str(ca))  # redirected, then TLS reads
+        try:
+            assert _in_threads(src, data, threads=6, count=15) == []
+        finally:
+            src.close()
+        lines = n.requests()
+    assert sum(" 206 " in line for line in lines) >= 60
+    assert len({line.split()[0] for line in lines}) <= POOL_SIZE + 1

@@ -33,7 +33,8 @@ class _InFlight:
     host: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytes | None = None  # kept for the fetches that joined (the owner's buffer
+    joiners: int = 0  # may be reused once it is told)
     error: OSError | None = None
 
 
@@ -56,8 +57,7 @@ class Fetcher:
         n = len(buf)
 
         async def part(off: int) -> None:
-            k = min(FETCH_PIECE, n - off)
-            buf[off:off + k] = await self._one(source, host + off, k)
+            await self._one(buf[off:off + min(FETCH_PIECE, n - off)], source, host + off)
 
         if n <= FETCH_PIECE:
             await part(0)
@@ -75,25 +75,35 @@ class Fetcher:
                 first = first.exceptions[0]
             raise first from None
 
-    async def _one(self, source: RemoteSource, host: int, length: int) -> bytes:
+    async def _one(self, view: memoryview, source: RemoteSource, host: int) -> None:
+        """Fill view from host: joins a fetch in flight that covers it, else reads (into
+        view itself when the source has pread_into)."""
+        length = len(view)
         for f in self._running:
             if f.source is source and f.host <= host and host + length <= f.host + f.length:
                 self.joined += 1
+                f.joiners += 1
                 await f.done.wait()
                 if f.error is not None:
                     raise f.error
                 assert f.data is not None
-                return f.data[host - f.host:host - f.host + length]
+                view[:] = f.data[host - f.host:host - f.host + length]
+                return
         f = _InFlight(source, host, length)
         self._running.append(f)
         self.requests += 1
+        into = getattr(source, "pread_into", None)
         try:
             t0 = time.monotonic()
-            f.data = await trio.to_thread.run_sync(source.pread, length, host,
-                                                   limiter=self._limiter)
+            if into is not None:
+                await trio.to_thread.run_sync(into, view, host, limiter=self._limiter)
+            else:
+                view[:] = await trio.to_thread.run_sync(source.pread, length, host,
+                                                        limiter=self._limiter)
             took = time.monotonic() - t0
             self._latency = took if not self._latency else 0.8 * self._latency + 0.2 * took
-            return f.data
+            if f.joiners:
+                f.data = bytes(view)
         except OSError as e:
             f.error = e
             self._failed(source, e)

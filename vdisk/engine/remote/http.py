@@ -1,10 +1,12 @@
 """HttpSource: a remote image read with HTTP range requests (the RemoteSource of http://
 and https:// URLs).
 
-The client is httpx's synchronous Client: a thread-safe keep-alive pool (the engine runs
-network reads in worker threads, several at once), redirects, per-phase timeouts, HTTP/1.1
-through h11. TLS uses an ssl context of our own: the system CA store (not certifi's
-bundle), or the CA file the spec names; sslverify=off is explicit and logged.
+The open uses httpx's synchronous Client: redirects, auth, cookies, per-phase timeouts,
+the checks of range support. TLS uses an ssl context of our own: the system CA store (not
+certifi's bundle), or the CA file the spec names; sslverify=off is explicit and logged.
+The data reads then go over keep-alive connections of our own to the final URL, with the
+headers httpx sent last (http_conn.py: recv_into into the caller's buffer, the GIL
+released, so worker threads read at once); through a proxy they stay on httpx.
 
 Every read is one `Range: bytes=a-b` GET that must come back 206 with exactly that range
 of a file of the size seen at open. Resets, timeouts, short bodies and 5xx/408/429 answers
@@ -23,11 +25,21 @@ import re
 import ssl
 import threading
 import time
+import urllib.request
 from collections import OrderedDict
 
 import httpx
 
 from vdisk.engine import blocking
+from vdisk.engine.remote.http_conn import (
+    CONTENT_RANGE,
+    RETRIED_STATUS,
+    FatalError,
+    RangePool,
+    RetryableError,
+    Target,
+    describe,
+)
 from vdisk.engine.remote.url import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, SourceSpec
 from vdisk.errors import ImageError
 
@@ -38,21 +50,7 @@ BACKOFF_FIRST = 0.05  # seconds before the first retry; doubled up to BACKOFF_MA
 BACKOFF_MAX = 2.0
 READAHEAD_BUFFERS = 4
 PROBE_BYTES = 64 << 10  # fetched at open: the header and the format probe
-RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _TOTAL_ONLY = re.compile(r"bytes \*/(\d+)")
-
-
-class _Retry(Exception):
-    """A failed attempt that may succeed if made again."""
-
-    def __init__(self, reason: str, timed_out: bool = False) -> None:
-        super().__init__(reason)
-        self.timed_out = timed_out
-
-
-class _Fatal(Exception):
-    """A failed attempt that will fail again."""
 
 
 def ssl_context(spec: SourceSpec) -> ssl.SSLContext:
@@ -74,17 +72,13 @@ def _cert_problem(e: BaseException) -> str | None:
     return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(e) else None
 
 
-def _describe(e: httpx.HTTPError) -> str:
-    text = str(e) or type(e).__name__
-    return re.sub(r"^\[Errno -?\d+\] ", "", text)
-
-
 class HttpSource:
     """A remote image on an HTTP(S) server (read-only), for several threads at once."""
 
     def __init__(self, spec: SourceSpec, target: httpx.URL, client: httpx.Client, size: int,
-                 timeout: float) -> None:
+                 timeout: float, pool: RangePool | None = None) -> None:
         self.url = spec.display
+        self._pool = pool  # None: the reads go through httpx (a proxy is in the way)
         self.size = size
         self._target = target  # spec.url without credentials (they are in the client)
         self._client = client
@@ -111,19 +105,23 @@ class HttpSource:
         if url.username or url.password or spec.username is not None:
             auth = httpx.BasicAuth(spec.username or url.username, url.password)
             url = url.copy_with(username=None, password=None)
+        tls = ssl_context(spec)
         client = httpx.Client(
-            verify=ssl_context(spec), follow_redirects=True, max_redirects=10,
+            verify=tls, follow_redirects=True, max_redirects=10,
             headers=headers, auth=auth,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=POOL_SIZE,
                                 max_keepalive_connections=POOL_SIZE, keepalive_expiry=30.0),
         )
         try:
-            size, head = cls._probe(spec, url, client, connect_timeout)
+            size, head, last = cls._probe(spec, url, client, connect_timeout)
         except BaseException:
             client.close()
             raise
-        src = cls(spec, url, client, size, read_timeout)
+        pool = _own_pool(last, client, tls)
+        if pool is not None:
+            client.close()  # its connection would idle: the reads go over the pool
+        src = cls(spec, url, client, size, read_timeout, pool)
         if head:
             src._buffers[0] = head
         log.debug("%s: %d bytes over HTTP range requests", spec.display, size)
@@ -131,8 +129,9 @@ class HttpSource:
 
     @staticmethod
     def _probe(spec: SourceSpec, target: httpx.URL, client: httpx.Client,
-               connect_timeout: float) -> tuple[int, bytes]:
-        """(size, first bytes) from one range request for the first PROBE_BYTES."""
+               connect_timeout: float) -> tuple[int, bytes, httpx.Request]:
+        """(size, first bytes, the request last sent) from one range request for the
+        first PROBE_BYTES."""
         url = spec.display
         try:
             r = client.get(target, headers={"Range": f"bytes=0-{PROBE_BYTES - 1}"},
@@ -150,17 +149,17 @@ class HttpSource:
             if cert is not None:
                 raise ImageError(url, f"the server's TLS certificate does not verify ({cert}); "
                                       "name the CA that signed it with a CA file") from None
-            raise ImageError(url, f"cannot connect: {_describe(e)}") from None
+            raise ImageError(url, f"cannot connect: {describe(e)}") from None
         if r.status_code == 200:
             raise ImageError(url, "the server does not support range requests (it answered a "
                                   "range request with the whole file, 200 OK)")
         if r.status_code == 416:
             m = _TOTAL_ONLY.fullmatch(r.headers.get("Content-Range", ""))
             if m and int(m.group(1)) == 0:
-                return 0, b""
+                return 0, b"", r.request
         if r.status_code != 206:
             raise ImageError(url, f"HTTP {r.status_code} {r.reason_phrase}")
-        m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
+        m = CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
         if not m or m.group(3) == "*" or int(m.group(1)) != 0:
             raise ImageError(url, "the server's answer to a range request has no usable "
                                   f"Content-Range ({r.headers.get('Content-Range')!r})")
@@ -168,52 +167,69 @@ class HttpSource:
         if len(r.content) != end + 1:
             raise ImageError(url, f"short answer to a range request ({len(r.content)} of "
                                   f"{end + 1} bytes)")
-        return size, r.content
+        return size, r.content, r.request
 
     # -- RemoteSource -----------------------------------------------------------------
 
     def pread(self, length: int, offset: int) -> bytes:
         if length <= 0:
             return b""
+        buf = bytearray(length)
+        self.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill buf as pread(len(buf), offset) would; on OSError buf holds anything."""
+        length = len(buf)
+        if length <= 0:
+            return
         if self._closed:
             raise OSError(errno.EBADF, f"{self.url}: source is closed")
         end = min(offset + length, self.size)
         if offset >= end:
-            return bytes(length)
-        data = self._cached(offset, end)
-        if data is None:
+            buf[:] = bytes(length)
+            return
+        if not self._from_cache(buf, offset, end):
             blocking.about_to_block(f"HTTP read of {length} bytes")
-            fetch_end = end
             if end - offset < self._readahead:
                 fetch_end = min(self.size, end + self._readahead)
-            got = self._fetch(offset, fetch_end)
-            if fetch_end > end:
+                got = bytearray(fetch_end - offset)
+                self._fetch_into(memoryview(got), offset)
+                kept = bytes(got)
                 with self._lock:
-                    self._buffers[offset] = got
+                    self._buffers[offset] = kept
                     while len(self._buffers) > READAHEAD_BUFFERS:
                         self._buffers.popitem(last=False)
-            data = got[:end - offset]
-        return data if len(data) == length else data + bytes(length - len(data))
+                buf[:end - offset] = kept[:end - offset]
+            else:
+                self._fetch_into(buf[:end - offset], offset)
+        if end - offset < length:
+            buf[end - offset:] = bytes(length - (end - offset))
 
     def block_status(self, offset: int, length: int) -> tuple[int, bool] | None:
         return None  # HTTP cannot tell holes from data
 
     def close(self) -> None:
         self._closed = True
+        if self._pool is not None:
+            self._pool.close()
         self._client.close()
 
     # -- internals --------------------------------------------------------------------
 
-    def _cached(self, offset: int, end: int) -> bytes | None:
+    def _from_cache(self, buf: memoryview, offset: int, end: int) -> bool:
         with self._lock:
-            for start, buf in self._buffers.items():
-                if start <= offset and end <= start + len(buf):
+            for start, kept in self._buffers.items():
+                if start <= offset and end <= start + len(kept):
                     self._buffers.move_to_end(start)
-                    return buf[offset - start:end - start]
-        return None
+                    buf[:end - offset] = kept[offset - start:end - start]
+                    return True
+        return False
 
-    def _fetch(self, offset: int, end: int) -> bytes:
-        """Bytes [offset, end) of the file, retried until the deadline."""
+    def _fetch_into(self, view: memoryview, offset: int) -> None:
+        """view := bytes [offset, offset + len(view)) of the file, retried until the
+        deadline."""
+        end = offset + len(view)
         started = time.monotonic()
         deadline = started + self._timeout
         delay = BACKOFF_FIRST
@@ -221,10 +237,15 @@ class HttpSource:
         while True:
             attempts += 1
             try:
-                return self._attempt(offset, end, deadline)
-            except _Fatal as e:
+                if self._pool is not None:
+                    self.requests += 1
+                    self._pool.read_into(view, offset, self.size, deadline)
+                else:
+                    view[:] = self._attempt(offset, end, deadline)
+                return
+            except FatalError as e:
                 raise self._give_up(errno.EIO, f"{e}", offset, end) from None
-            except _Retry as e:
+            except RetryableError as e:
                 left = deadline - time.monotonic()
                 if left <= delay:
                     code = errno.ETIMEDOUT if e.timed_out else errno.EIO
@@ -248,23 +269,41 @@ class HttpSource:
             r = self._client.get(self._target, headers={"Range": f"bytes={offset}-{end - 1}"},
                                  timeout=httpx.Timeout(left, connect=min(left, CONNECT_TIMEOUT)))
         except httpx.TimeoutException as e:
-            raise _Retry(f"timed out ({type(e).__name__})", timed_out=True) from None
+            raise RetryableError(f"timed out ({type(e).__name__})", timed_out=True) from None
         except (httpx.TransportError, httpx.DecodingError) as e:
             if _cert_problem(e):
-                raise _Fatal(f"TLS certificate does not verify: {_describe(e)}") from None
-            raise _Retry(_describe(e)) from None
+                raise FatalError(f"TLS certificate does not verify: {describe(e)}") from None
+            raise RetryableError(describe(e)) from None
         except httpx.TooManyRedirects:
-            raise _Fatal("too many redirects") from None
+            raise FatalError("too many redirects") from None
         if r.status_code in RETRIED_STATUS:
-            raise _Retry(f"HTTP {r.status_code} {r.reason_phrase}")
+            raise RetryableError(f"HTTP {r.status_code} {r.reason_phrase}")
         if r.status_code != 206:
-            raise _Fatal(f"HTTP {r.status_code} {r.reason_phrase} to a range request")
-        m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
+            raise FatalError(f"HTTP {r.status_code} {r.reason_phrase} to a range request")
+        m = CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
         if not m or (int(m.group(1)), int(m.group(2))) != (offset, end - 1):
-            raise _Fatal(f"the server answered another range ({r.headers.get('Content-Range')!r}"
+            raise FatalError(f"the server answered another range ({r.headers.get('Content-Range')!r}"
                          f" for {offset}-{end - 1})")
         if m.group(3) != str(self.size):
-            raise _Fatal(f"the file changed size on the server ({m.group(3)}, was {self.size})")
+            raise FatalError(f"the file changed size on the server ({m.group(3)}, was {self.size})")
         if len(r.content) != end - offset:
-            raise _Retry(f"short answer ({len(r.content)} of {end - offset} bytes)")
+            raise RetryableError(f"short answer ({len(r.content)} of {end - offset} bytes)")
         return r.content
+
+
+def _own_pool(last: httpx.Request, client: httpx.Client, tls: ssl.SSLContext
+              ) -> RangePool | None:
+    """Connections of our own to where the open's last request went, with its headers;
+    None if a proxy is in the way (httpx then carries the reads)."""
+    url = last.url
+    proxies = urllib.request.getproxies_environment() if client.trust_env else {}
+    if (proxies.get(url.scheme) or proxies.get("all")) and \
+            not urllib.request.proxy_bypass(url.host):
+        return None
+    headers = [(k, v) for k, v in last.headers.raw
+               if k.lower() not in (b"range", b"accept-encoding", b"content-length")]
+    headers.append((b"Accept-Encoding", b"identity"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    target = Target(url.host, port, url.raw_path, tuple(headers),
+                    tls if url.scheme == "https" else None)
+    return RangePool(target, POOL_SIZE)
