@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from vdisk.engine.remote import RemoteSource
 
 log = logging.getLogger("vdisk.fetch")
+T = TypeVar("T")
 
 FETCH_PIECE = 1 << 20  # bytes per request to a server
 TARGET_RATE = 1 << 30  # bytes/s a window aims at: the bandwidth-delay product sizes it
@@ -36,6 +39,21 @@ class _InFlight:
     data: bytes | None = None  # kept for the fetches that joined (the owner's buffer
     joiners: int = 0  # may be reused once it is told)
     error: OSError | None = None
+
+
+async def first_error(aw: Awaitable[T]) -> T:
+    """Await aw; an exception group of OSErrors from its nursery becomes its first one
+    (one error for the caller: the first read error)."""
+    try:
+        return await aw
+    except BaseExceptionGroup as eg:
+        err = eg.subgroup(OSError)
+        if err is None:
+            raise
+        first: BaseException = err
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 class Fetcher:
@@ -62,18 +80,13 @@ class Fetcher:
         if n <= FETCH_PIECE:
             await part(0)
             return
-        try:
+
+        async def all_parts() -> None:
             async with trio.open_nursery() as nursery:
                 for off in range(0, n, FETCH_PIECE):
                     nursery.start_soon(part, off)
-        except BaseExceptionGroup as eg:  # one error for the caller: the first read error
-            err = eg.subgroup(OSError)
-            if err is None:
-                raise
-            first: BaseException = err
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+
+        await first_error(all_parts())
 
     async def _one(self, view: memoryview, source: RemoteSource, host: int) -> None:
         """Fill view from host: joins a fetch in flight that covers it, else reads (into

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import trio
 
-from vdisk.block.fetch import Fetcher
+from vdisk.block.fetch import Fetcher, first_error
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
 from vdisk.engine.plan import Piece, read_plan
@@ -92,7 +92,7 @@ class RemoteChain:
             pieces = await self._below(read_plan, below, pos, end - pos)
             if not pieces:
                 break
-            await _first_error(self._fill(memoryview(buf)[pos - offset:], pos, pieces))
+            await first_error(self._fill(memoryview(buf)[pos - offset:], pos, pieces))
             pos = pieces[-1].offset + pieces[-1].length
         return bytes(buf)
 
@@ -142,7 +142,7 @@ class RemoteChain:
                     return False
                 return zeroes or not pc.zero
 
-            copied += await _first_error(self._write_clusters(top, pos, pos + n, cs, pieces,
+            copied += await first_error(self._write_clusters(top, pos, pos + n, cs, pieces,
                                                               needed, pieces_out))
             pos += n
         return copied
@@ -211,17 +211,3 @@ def _within(pieces: list[Piece], a: int, b: int) -> list[Piece]:
         if lo < hi:
             out.append(Piece(lo, hi - lo, p.layer, p.zero, p.source, p.host + (lo - p.offset)))
     return out
-
-
-async def _first_error(aw: Awaitable[T]) -> T:
-    """Await aw; an exception group of OSErrors from its nursery becomes its first one."""
-    try:
-        return await aw
-    except BaseExceptionGroup as eg:
-        err = eg.subgroup(OSError)
-        if err is None:
-            raise
-        first: BaseException = err
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
