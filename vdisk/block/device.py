@@ -3,7 +3,7 @@
 The format engine is synchronous and not thread-safe, so every engine call on a
 chain goes through one per-device engine lock. Before each call the device asks the
 engine whether it may block (Image.may_block, decided from cached metadata): a call
-that may sleep on a disk sync or the network, or move more than about one cluster
+that may sleep on a disk sync or the network, or move more than one FUSE request
 (blocking.INLINE_COPY), runs in a worker thread while holding the engine lock, so the
 loop (QMP, other drives, other requests) keeps going; the rest run inline in the trio
 thread, because a thread hop costs more than a cached 4 KiB read. Measured through
@@ -41,7 +41,7 @@ log = logging.getLogger("vdisk.device")
 
 T = TypeVar("T")
 
-COPY_PIECE = 4 << 20  # at most this many bytes per engine copy call
+COPY_PIECE = 16 << 20  # at most this many bytes per engine copy call
 
 
 def _oserror(code: int, what: str) -> OSError:
