@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:  # imported when a scrape comes: an idle daemon without it is smaller
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 from vdisk.block.stats import IOStats
 from vdisk.errors import VdiskError
@@ -74,6 +76,8 @@ class DriveCollector:
         self._drives = drives
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         drives = list(self._drives())
         for name, text, attr, scale in COUNTERS:
             family = CounterMetricFamily(name, text, labels=["drive"])
@@ -89,6 +93,8 @@ class DriveCollector:
 
 
 def make_registry(drives: DrivesFn) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DriveCollector(drives))
     return registry
@@ -101,6 +107,8 @@ def _response(status: str, body: bytes, content_type: str, head_only: bool) -> b
 
 
 def answer(request_head: bytes, registry: CollectorRegistry) -> bytes:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     """The HTTP response to a request's line and headers."""
     line = request_head.split(b"\n", 1)[0].strip()
     parts = line.split()
