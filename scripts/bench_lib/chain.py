@@ -34,18 +34,23 @@ class Chain:
         return self.dir / "expected.raw"
 
 
-def build_chain(dir: Path, size: int, seed: int = 1) -> Chain:
-    """base.qcow2 fully written with random data; top.qcow2 over it holding TOP_FRACTION of
-    the clusters with other random data; expected.raw, the guest view."""
-    dir.mkdir(parents=True, exist_ok=True)
-    chain = Chain(dir, size)
-    raw = dir / "base.raw"
-    with open(raw, "wb") as f:
+def random_file(path: Path, size: int) -> Path:
+    """path, made size bytes of random data."""
+    with open(path, "wb") as f:
         left = size
         while left:
             n = min(PIECE, left)
             f.write(os.urandom(n))
             left -= n
+    return path
+
+
+def build_chain(dir: Path, size: int, seed: int = 1) -> Chain:
+    """base.qcow2 fully written with random data; top.qcow2 over it holding TOP_FRACTION of
+    the clusters with other random data; expected.raw, the guest view."""
+    dir.mkdir(parents=True, exist_ok=True)
+    chain = Chain(dir, size)
+    raw = random_file(dir / "base.raw", size)
     qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, chain.base, timeout=None)
     rng = random.Random(seed)
     only = dir / "top-only.raw"  # the top's clusters, holes elsewhere

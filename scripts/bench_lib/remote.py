@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench_lib.chain import PIECE, Chain
+from bench_lib.chain import Chain, random_file
 from bench_lib.fio import Job, run_fio
 from bench_lib.sides import SIDES
 from tests.helpers.commands import qemu_img, run
@@ -106,14 +106,7 @@ http {{
 
 def make_base(dir: Path, size: int) -> Path:
     dir.mkdir(parents=True, exist_ok=True)
-    base = dir / "base.raw"
-    with open(base, "wb") as f:
-        left = size
-        while left:
-            n = min(PIECE, left)
-            f.write(os.urandom(n))
-            left -= n
-    return base
+    return random_file(dir / "base.raw", size)
 
 
 def overlay(dir: Path, url: str, base: Path, size: int) -> Chain:
