@@ -275,3 +275,37 @@ def test_stream_from_nbdkit_with_injected_errors_and_latency_completes(tmp_path:
     assert "backing-filename" not in qemu_info(top)
     _compare(top, base)
     assert_clean(top)
+
+
+def test_a_top_longer_than_its_remote_base(tmp_path: Path) -> None:
+    """Past the end of a shorter remote base the view is zeroes: status and seek say so,
+    reads give zeroes, and a stream leaves them so."""
+    base = _base(tmp_path, 8 * MiB)
+    sock = tmp_path / "nbd.sock"
+    srv = qemu_nbd(base, "raw", sock=sock)
+    try:
+        top = _overlay(tmp_path, _nbd_json(sock, 10), size=12 * MiB)
+        with serving(tmp_path, f"id=d0,file={top},copy-on-read=off") as vd:
+            fd = os.open(vd.path("d0"), os.O_RDONLY)
+            try:
+                assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+                assert os.lseek(fd, 9 * MiB, os.SEEK_HOLE) == 9 * MiB
+                with pytest.raises(OSError):
+                    os.lseek(fd, 9 * MiB, os.SEEK_DATA)  # ENXIO: no data after it
+                assert os.pread(fd, MiB, 10 * MiB) == bytes(MiB)
+                assert os.pread(fd, 4096, 4 * MiB) == base.read_bytes()[4 * MiB:4 * MiB + 4096]
+            finally:
+                os.close(fd)
+            q = QMP(vd.qmp_path)
+            try:
+                _stream(q)
+                ev = _final(q)
+                assert ev["event"] == "BLOCK_JOB_COMPLETED" and "error" not in ev["data"], ev
+            finally:
+                q.q.close()
+            assert vd.stop() == 0
+        assert "backing-filename" not in qemu_info(top)
+        _compare(top, base)  # the first 8 MiB equal, the rest zeroes
+        assert_clean(top)
+    finally:
+        srv.stop()

@@ -76,13 +76,13 @@ class BlockDevice:
         # set while a network layer is below the top (vdisk/block/remote_chain.py)
         self.remote: RemoteChain | None = None
         self._update_remote()
+        self.stats = IOStats()  # the users' requests (query-blockstats)
 
     def _update_remote(self) -> None:
         if not has_remote_below(self.top):
             self.remote = None
         elif self.remote is None:
             self.remote = RemoteChain(self.drive_id, self._call, self._inflight)
-        self.stats = IOStats()  # the users' requests (query-blockstats)
 
     # -- engine access ---------------------------------------------------------------
 
@@ -277,8 +277,9 @@ class BlockDevice:
 
     async def _read_remote(self, remote: RemoteChain, offset: int, length: int) -> bytes:
         top = self.top
-        if not self.copy_on_read:
-            return await remote.read(top, offset, length)
+        if not self.copy_on_read:  # the range held: a backing switch waits for the read
+            async with self._locks.hold(offset, offset + length):
+                return await remote.read(top, offset, length)
         ext = await self._call(partial(top.may_block, "status", offset, length),
                                top.layer_status, offset, length)
         if ext.status is not Status.UNALLOCATED and ext.length >= length:
@@ -306,8 +307,9 @@ class BlockDevice:
         cs = max(self.top.cluster_size, 512)
         if offset > start:
             await remote.copy_up(self.top, start, min(start + cs, end), None, True)
-        if offset + length < end and end - cs >= start + (cs if offset > start else 0):
-            await remote.copy_up(self.top, end - cs, end, None, True)
+        last = (end - 1) // cs * cs  # the last cluster (the size may end inside it)
+        if offset + length < end and last >= start + (cs if offset > start else 0):
+            await remote.copy_up(self.top, last, end, None, True)
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """Do the write right here when nothing else is in flight on the device (no range
@@ -503,12 +505,16 @@ class BlockDevice:
                 dropped.append(img)
                 img = img.backing
             top.backing = new_backing
+            remote, below = self.remote, trio.Lock()  # a status call may still be below
+            if remote is not None:
+                below = remote.below
             self._update_remote()
-            for img in dropped:
-                try:
-                    await self._threaded(img.close)
-                except OSError as e:  # the switch is done; a close failure is only logged
-                    log.warning("%s: closing %s failed: %s", self.drive_id, img.path, e)
+            async with below:
+                for img in dropped:
+                    try:
+                        await self._threaded(img.close)
+                    except OSError as e:  # the switch is done; a close failure is logged
+                        log.warning("%s: closing %s failed: %s", self.drive_id, img.path, e)
         log.info("%s: backing file is now %s", self.drive_id, name or "none")
 
     async def close(self) -> None:
@@ -518,10 +524,12 @@ class BlockDevice:
                 return
             self._closed = True
             err: BaseException | None = None
-            for img in self.chain():
-                try:
-                    await self._threaded(img.close)
-                except OSError as e:
-                    err = err or e
+            below = self.remote.below if self.remote is not None else trio.Lock()
+            async with below:  # no status call of the layers below is under way
+                for img in self.chain():
+                    try:
+                        await self._threaded(img.close)
+                    except OSError as e:
+                        err = err or e
             if err is not None:
                 raise err

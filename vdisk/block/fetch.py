@@ -11,6 +11,7 @@ latency at TARGET_RATE (a server 20 ms away: the whole `inflight`; loopback: 2).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Awaitable
@@ -97,9 +98,8 @@ class Fetcher:
                 self.joined += 1
                 f.joiners += 1
                 await f.done.wait()
-                if f.error is not None:
-                    raise f.error
-                assert f.data is not None
+                if f.data is None:  # failed, or cancelled before it could start
+                    raise f.error or OSError(errno.EIO, f"{source.url}: fetch cancelled")
                 view[:] = f.data[host - f.host:host - f.host + length]
                 return
         f = _InFlight(source, host, length)

@@ -63,6 +63,8 @@ class RemoteChain:
         below = top.backing
         if below is None or below is base:
             return ext.length, None, Status.ZERO if base is None else Status.UNALLOCATED
+        if offset >= below.virtual_size:  # past a shorter backing file: zeroes it holds
+            return ext.length, 1, Status.ZERO
         run, depth, status = await self._below(
             partial(chain_status, below, base=base), offset, ext.length)
         return run, None if depth is None else depth + 1, status
@@ -136,6 +138,11 @@ class RemoteChain:
                     break
                 pieces += more
                 p = more[-1].offset + more[-1].length
+
+            tail = max(stop, pos)
+            if tail < pos + n and id(below) not in below_base:
+                # past the end of a shorter backing file the view is zeroes, held by it
+                pieces.append(Piece(tail, pos + n - tail, below, zero=True))
 
             def needed(pc: Piece) -> bool:
                 if pc.layer is None or id(pc.layer) in below_base:
