@@ -139,3 +139,14 @@ def expected_runs(entries: list[dict[str, Any]], sizes: list[int], base_depth: i
         else:
             out.append((e["start"], e["length"], depth, st))
     return out
+
+
+def remote_site_images(root: Path) -> None:
+    """The images the remote-chain tests serve from root/: base.raw (6M, patterns and
+    holes) and mid.qcow2 (8M) over it with data, a zero range and a compressed cluster."""
+    root.mkdir()
+    create(root / "base.raw", "6M", fmt="raw")
+    qemu_io(root / "base.raw", "write -P 0x11 0 1M", "write -P 0x12 3M 512k", fmt="raw")
+    create(root / "mid.qcow2", 8 * MiB, backing="base.raw", backing_fmt="raw")
+    qemu_io(root / "mid.qcow2", "write -P 0x21 512k 1M", "write -z 3M 64k",
+            "write -c -P 0x23 5M 128k")

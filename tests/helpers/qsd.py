@@ -37,12 +37,21 @@ class Node:
 @contextmanager
 def qsd_serving(tmp_path: Path, *nodes: Node, name: str = "qsd") -> Iterator[Path]:
     """A qemu-storage-daemon with these nodes and a QMP monitor; yields the socket path."""
-    sock = tmp_path / f"{name}.sock"
-    cmd = ["qemu-storage-daemon"]
+    args: list[str] = []
     for node in nodes:
-        cmd += node.args()
-    cmd += ["--chardev", f"socket,path={sock},server=on,wait=off,id=mon0",
-            "--monitor", "chardev=mon0"]
+        args += node.args()
+    with _qsd(tmp_path, args, name) as sock:
+        yield sock
+
+
+@contextmanager
+def _qsd(tmp_path: Path, args: list[str], name: str) -> Iterator[Path]:
+    """qemu-storage-daemon with these block arguments and a QMP monitor on
+    tmp_path/NAME.sock; stopped on leaving the block."""
+    sock = tmp_path / f"{name}.sock"
+    cmd = ["qemu-storage-daemon", *args,
+           "--chardev", f"socket,path={sock},server=on,wait=off,id=mon0",
+           "--monitor", "chardev=mon0"]
     proc = launch(cmd, qmp_path=sock, log_path=tmp_path / f"{name}.log",
                   name="qemu-storage-daemon")
     try:
@@ -60,15 +69,7 @@ def qsd_chain(tmp_path: Path, top: Path, node_name: str = "top",
               name: str = "qsd") -> Iterator[Path]:
     """qemu-storage-daemon with `top` (qcow2) as node `node_name`, its file node made by
     QEMU (file.driver=file), the way QEMU opens a drive; yields its QMP socket."""
-    sock = tmp_path / f"{name}.sock"
-    cmd = ["qemu-storage-daemon",
-           "--blockdev", f"driver=qcow2,node-name={node_name},file.driver=file,"
-                         f"file.filename={top}",
-           "--chardev", f"socket,path={sock},server=on,wait=off,id=mon0",
-           "--monitor", "chardev=mon0"]
-    proc = launch(cmd, qmp_path=sock, log_path=tmp_path / f"{name}.log",
-                  name="qemu-storage-daemon")
-    try:
+    args = ["--blockdev", f"driver=qcow2,node-name={node_name},file.driver=file,"
+                          f"file.filename={top}"]
+    with _qsd(tmp_path, args, name) as sock:
         yield sock
-    finally:
-        stop(proc)

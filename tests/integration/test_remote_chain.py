@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import MiB, create
+from tests.helpers.chains import MiB, create, remote_site_images
 from tests.helpers.commands import qemu_img, qemu_io, vdisk
 from tests.helpers.nginx import PASSWORD, USER, Nginx, make_ca
 from vdisk.engine.chain import chain_status, close_chain, iter_chain, open_chain
@@ -29,12 +29,7 @@ SIZE = 8 * MiB
 def site(tmp_path: Path) -> Iterator[tuple[Nginx, Path]]:
     """nginx serving root/: base.raw (4M of patterns, holes) and mid.qcow2 over it."""
     root = tmp_path / "root"
-    root.mkdir()
-    create(root / "base.raw", "6M", fmt="raw")
-    qemu_io(root / "base.raw", "write -P 0x11 0 1M", "write -P 0x12 3M 512k", fmt="raw")
-    create(root / "mid.qcow2", SIZE, backing="base.raw", backing_fmt="raw")
-    qemu_io(root / "mid.qcow2", "write -P 0x21 512k 1M", "write -z 3M 64k",
-            "write -c -P 0x23 5M 128k")
+    remote_site_images(root)
     with Nginx(tmp_path, root) as n:
         yield n, root
 

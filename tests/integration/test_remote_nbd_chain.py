@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chains import MiB, create
+from tests.helpers.chains import MiB, create, remote_site_images
 from tests.helpers.commands import qemu_img, qemu_io, vdisk
 from vdisk.engine.chain import close_chain, iter_chain, open_chain
 
@@ -45,12 +45,7 @@ class QemuNbd:
 def served(tmp_path: Path) -> Iterator[tuple[QemuNbd, QemuNbd]]:
     """(mid's guest view as raw over NBD, a standalone qcow2 file's bytes over NBD)."""
     root = tmp_path / "root"
-    root.mkdir()
-    create(root / "base.raw", "6M", fmt="raw")
-    qemu_io(root / "base.raw", "write -P 0x11 0 1M", "write -P 0x12 3M 512k", fmt="raw")
-    create(root / "mid.qcow2", SIZE, backing="base.raw", backing_fmt="raw")
-    qemu_io(root / "mid.qcow2", "write -P 0x21 512k 1M", "write -z 3M 64k",
-            "write -c -P 0x23 5M 128k")
+    remote_site_images(root)
     create(root / "solo.qcow2", SIZE)
     qemu_io(root / "solo.qcow2", "write -P 0x41 1M 2M", "write -c -P 0x42 6M 64k")
     a = QemuNbd(root / "mid.qcow2", "qcow2", tmp_path / "mid.sock")
