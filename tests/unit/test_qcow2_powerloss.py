@@ -31,9 +31,9 @@ class Recorder:
             self.pending.append((offset, bytes(data)))
             orig_pwrite(data, offset)
 
-        def pwritev(bufs: list, offset: int) -> None:
+        def pwritev(bufs: list, offset: int, direct: bool = False) -> None:
             self.pending.append((offset, b"".join(bytes(b) for b in bufs)))
-            orig_pwritev(bufs, offset)
+            orig_pwritev(bufs, offset, direct)
 
         def sync() -> None:
             if self.pending:  # a power loss just before every sync

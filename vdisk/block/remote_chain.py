@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import trio
 
+from vdisk.block.buffers import BufferPool
 from vdisk.block.fetch import Fetcher, first_error
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
@@ -27,6 +28,7 @@ from vdisk.engine.plan import Piece, read_plan
 
 T = TypeVar("T")
 SUB_RUN = 2 << 20  # bytes of a copy fetched and written as one part
+KEEP_BUFFERS = 8  # idle SUB_RUN buffers kept for the next copy (16 MiB)
 
 
 def has_remote_below(top: Image) -> bool:
@@ -42,6 +44,7 @@ class RemoteChain:
         self.call = call
         self.below = trio.Lock()
         self.fetcher = Fetcher(drive_id, inflight)
+        self.buffers = BufferPool(SUB_RUN, KEEP_BUFFERS)
 
     async def _below(self, fn: Callable[..., T], *args: object) -> T:
         async with self.below:
@@ -182,12 +185,16 @@ class RemoteChain:
                 continue
             step = max(SUB_RUN // cs, 1) * cs
             parts += [(p0, min(p0 + step, r1), True) for p0 in range(r0, r1, step)]
-        bufs: dict[int, bytearray] = {}
+        bufs: dict[int, memoryview] = {}
         arrived = {p0: trio.Event() for p0, _, data in parts if data}
 
         async def fetch(p0: int, p1: int) -> None:
-            buf = bytearray(p1 - p0)
-            await self._fill(memoryview(buf), p0, _within(pieces, p0, p1))
+            buf = self.buffers.take(p1 - p0)
+            try:
+                await self._fill(buf, p0, _within(pieces, p0, p1))
+            except BaseException:
+                self.buffers.give(buf)
+                raise
             bufs[p0] = buf
             arrived[p0].set()
 
@@ -203,9 +210,12 @@ class RemoteChain:
                 else:
                     await arrived[p0].wait()
                     buf = bufs.pop(p0)
-                    await self._top(top, "write", p0, len(buf), top.write, p0, buf)
-                    if pieces_out is not None:
-                        pieces_out.append((p0, bytes(buf)))
+                    try:
+                        await self._top(top, "copy", p0, len(buf), top.write_copy, p0, buf)
+                        if pieces_out is not None:
+                            pieces_out.append((p0, bytes(buf)))
+                    finally:
+                        self.buffers.give(buf)
                 copied += p1 - p0
         return copied
 

@@ -90,7 +90,7 @@ class Image(abc.ABC):
         return 0
 
     def may_block(self, op: str, offset: int, length: int) -> bool:
-        """True if the call op ("read", "write", "zeroes" or "status") on the range may
+        """True if the call op ("read", "write", "copy", "zeroes" or "status") on the range may
         sleep on a disk sync or the network, or move more than blocking.INLINE_COPY bytes:
         the block layer then runs it in a worker thread. Decided from what is in memory,
         without I/O. This default, for drivers that cannot tell, says True."""
@@ -99,6 +99,13 @@ class Image(abc.ABC):
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write data; partial clusters are completed from the backing chain (COW)."""
+
+    def write_copy(self, offset: int, data: bytes | memoryview) -> None:
+        """write() of data copied up from the backing chain (a copy-up or a stream step).
+        A driver may bypass the page cache for it (qcow2: O_DIRECT, where data is
+        page-aligned memory), so it may wait for the device: may_block("copy", ...) is
+        True and the call belongs in a worker thread. This default is write()."""
+        self.write(offset, data)
 
     @abc.abstractmethod
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Sequence
 from typing import Protocol
 
 from vdisk.engine import blocking
+
+# Copies from the backing chain (Image.write_copy: stream steps, copy-ups), aligned to
+# DIRECT_ALIGN on disk, go through a second fd opened with O_DIRECT (ImageFile.pwritev):
+# they skip the page cache. Measured here, a 256 MiB stream over HTTP took
+# 1.2-1.45 s buffered, of which 1.0 s was the kernel filling new page-cache pages (guest
+# RAM the hypervisor hands out again on first touch), and 0.40-0.52 s direct.
+DIRECT_ALIGN = 4096
 
 
 class Reader(Protocol):
@@ -31,9 +39,12 @@ class ImageFile:
     `named_data` is set when cached (not yet written) L2 entries name cluster data
     written since the last fdatasync: that data must reach the disk before those
     entries do (`barrier(data=True)`). In-place overwrites never set it.
+    With direct=True, bulk writes may go through a second, O_DIRECT fd (close() closes it);
+    the barriers stay the same: O_DIRECT data is not durable before an fdatasync either.
     """
 
-    def __init__(self, fd: int, path: str, reader: Reader | None = None) -> None:
+    def __init__(self, fd: int, path: str, reader: Reader | None = None,
+                 direct: bool = False) -> None:
         self.fd = fd
         self.path = path
         self.reader = reader  # when set, reads go through it and fd is -1
@@ -42,6 +53,8 @@ class ImageFile:
         self.unsynced = False
         self.named_data = False
         self.syncs = 0
+        # the O_DIRECT fd for bulk writes: -2 not opened yet, -1 none
+        self._direct = -2 if direct and reader is None else -1
 
     def eio(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{self.path}: {what}")
@@ -77,14 +90,47 @@ class ImageFile:
         if offset + len(mv) > self.size:
             self.size = offset + len(mv)
 
-    def pwritev(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+    def pwritev(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int,
+                direct: bool = False) -> None:
+        """direct: through the O_DIRECT fd where the range is aligned (see DIRECT_ALIGN)."""
         total = sum(len(b) for b in bufs)
+        if direct and not (offset | total) & (DIRECT_ALIGN - 1) \
+                and self._write_direct(bufs, offset, total):
+            return
         done = os.pwritev(self.fd, bufs, offset)
         if done < total:  # rare: finish with plain writes
             joined = b"".join(bytes(b) for b in bufs)
             self.pwrite(memoryview(joined)[done:], offset + done)
         if offset + total > self.size:
             self.size = offset + total
+
+    def _write_direct(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int,
+                      total: int) -> bool:
+        """Write bufs through the O_DIRECT fd; False if that cannot be done (no such fd,
+        or buffers the kernel refuses: not page-aligned in memory), then nothing was
+        written. The caller's bufs must be aligned for this to pay (mmap-backed)."""
+        if self._direct == -2:
+            self._direct = _open_direct(self.fd)
+        if self._direct < 0:
+            return False
+        try:
+            done = blocking.pwritev_direct(self._direct, bufs, offset)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # misaligned buffers: written nowhere
+                return False
+            raise
+        if done < total:  # rare (no space for all of it): finish buffered
+            joined = b"".join(bytes(b) for b in bufs)
+            self.pwrite(memoryview(joined)[done:], offset + done)
+        if offset + total > self.size:
+            self.size = offset + total
+        return True
+
+    def close(self) -> None:
+        """Close the O_DIRECT fd, if any (the caller closes fd)."""
+        if self._direct >= 0:
+            os.close(self._direct)
+        self._direct = -1
 
     def sync(self) -> None:
         blocking.fdatasync(self.fd)
@@ -97,3 +143,14 @@ class ImageFile:
         dirty L2 entries name) reaches the disk before what is written next."""
         if self.unsynced or (data and self.named_data):
             self.sync()
+
+
+def _open_direct(fd: int) -> int:
+    """A second fd on fd's file, opened O_DIRECT for writing; -1 where that fails (a
+    read-only fd, tmpfs and other file systems without O_DIRECT)."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            return -1
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1

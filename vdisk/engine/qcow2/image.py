@@ -112,7 +112,7 @@ class Qcow2Image(Image):
         self.path = path
         self.read_only = read_only
         self.hdr = hdr
-        self.f = ImageFile(fd, path, reader)
+        self.f = ImageFile(fd, path, reader, direct=True)
         self.virtual_size = hdr.size
         self.cluster_bits = cb = hdr.cluster_bits
         self.cluster_size = cs = 1 << cb
@@ -216,7 +216,7 @@ class Qcow2Image(Image):
             return bk is not None and bk.may_block("read", offset, length)
         if op == "status":
             return self._may_evict(offset, length)
-        if length > INLINE_COPY:
+        if length > INLINE_COPY or op == "copy":
             return True
         writer = self.writer
         if writer is None or self._closed or self.corrupt:
@@ -407,6 +407,17 @@ class Qcow2Image(Image):
         self.bm.mark(offset, len(mv))
         writer.write(offset, mv)
 
+    def write_copy(self, offset: int, data: bytes | memoryview) -> None:
+        """Image.write_copy: the data's new clusters written through the O_DIRECT fd."""
+        writer = self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if not len(mv):
+            return
+        self._before_write()
+        self.bm.mark(offset, len(mv))
+        writer.write(offset, mv, direct=True)
+
     def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
         """Copy length bytes from fd at src into whole clusters at offset that this image
         does not hold (standard L2 entries, all unallocated) with copy_file_range: no
@@ -516,5 +527,6 @@ class Qcow2Image(Image):
                 self.f.sync()
         finally:
             self._closed = True
+            self.f.close()
             unlock_image(self.f.fd)
             os.close(self.f.fd)

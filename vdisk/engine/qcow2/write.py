@@ -123,11 +123,12 @@ class Writer:
             "read", start, min(-(-(offset + length) // cs) * cs, self.virtual_size) - start)
 
     # -- data -----------------------------------------------------------------------------
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: memoryview, direct: bool = False) -> None:
+        """direct: bulk data may go through the O_DIRECT fd (ImageFile.pwritev)."""
         for a, b in self.map.chunks(offset, offset + len(data)):
-            self.write_chunk(a, data[a - offset:b - offset])
+            self.write_chunk(a, data[a - offset:b - offset], direct)
 
-    def write_chunk(self, offset: int, data: memoryview) -> None:
+    def write_chunk(self, offset: int, data: memoryview, direct: bool = False) -> None:
         """Write data at offset, within one L2 table."""
         l2off, l2 = self.map.writable_table(offset >> self.map.chunk_bits)
         if self._overwrite(l2, offset, data):
@@ -143,7 +144,7 @@ class Writer:
             if plans[i].action == INPLACE:
                 i = self._write_in_place(plans, i, offset, data)
             else:
-                i = self._write_cow(plans, i, offset, data, updates, frees)
+                i = self._write_cow(plans, i, offset, data, updates, frees, direct)
         if updates:
             self.commit(l2off, l2, updates, names_data=True)
         for e in frees:
@@ -221,7 +222,7 @@ class Writer:
         return j
 
     def _write_cow(self, plans: list[ClusterPlan], i: int, offset: int, data: memoryview,
-                   updates: Updates, frees: list[int]) -> int:
+                   updates: Updates, frees: list[int], direct: bool = False) -> int:
         """Write plans[i] (FILL: in place) or the run of NEW clusters from it (into newly
         allocated clusters), head and tail included; note the entries to set and to free.
         The index after what was written."""
@@ -245,7 +246,7 @@ class Writer:
         if last.tail:
             bufs.append(last.tail)
         try:
-            self.f.pwritev(bufs, host)
+            self.f.pwritev(bufs, host, direct)
         except OSError:
             if start >= 0:  # ENOSPC, EIO: the new clusters were never referenced
                 self.alloc.unalloc(start, k)
