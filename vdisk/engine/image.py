@@ -85,8 +85,10 @@ class Image(abc.ABC):
         return None
 
     def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
-        """Write length bytes that fd holds at src, with copy_file_range where the
-        driver can; the bytes written (a prefix), 0 when it cannot (the default)."""
+        """Write length bytes that fd holds at src, without filling this file's page
+        cache where the driver can (qcow2: through its O_DIRECT fd); the bytes written (a
+        prefix), 0 when it cannot (the default). It may wait for the device, like
+        write_copy: call it in a worker thread."""
         return 0
 
     def may_block(self, op: str, offset: int, length: int) -> bool:

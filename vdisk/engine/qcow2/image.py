@@ -420,8 +420,9 @@ class Qcow2Image(Image):
 
     def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
         """Copy length bytes from fd at src into whole clusters at offset that this image
-        does not hold (standard L2 entries, all unallocated) with copy_file_range: no
-        bytes through user space. Returns the bytes done (a prefix); 0: use write()."""
+        does not hold (standard L2 entries, all unallocated), through a reused aligned
+        buffer and the O_DIRECT fd (ImageFile.copy_in). Returns the bytes done (a prefix);
+        0: use write()."""
         writer = self._check_writable()
         self._check_range(offset, length)
         done = writer.write_from(offset, fd, src, length, self.backing_name is not None)

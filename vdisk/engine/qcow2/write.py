@@ -1,5 +1,5 @@
 """The write planner (QEMU: qcow2_co_pwritev_part and qcow2_alloc_host_offset): data
-writes, zero clusters, and copies in the kernel, one L2 table at a time.
+writes, zero clusters, and copies from another file, one L2 table at a time.
 
 A write to one table is planned before anything is written: each cluster is written in
 place (owned and fully allocated), filled (owned, but zero or partly allocated: the rest
@@ -17,7 +17,6 @@ from array import array
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
-from vdisk.engine import blocking
 from vdisk.engine.image import Image
 from vdisk.engine.qcow2.alloc import Allocator
 from vdisk.engine.qcow2.cluster import ClusterMap
@@ -272,7 +271,7 @@ class Writer:
                 l2[idx] = e
         self.map.l2.mark_dirty(l2off, l2, min(updates), max(updates) + 1)
 
-    # -- copies in the kernel ---------------------------------------------------------------
+    # -- copies from another file (the O_DIRECT fd) ------------------------------------
     def write_from(self, offset: int, fd: int, src: int, length: int,
                    has_backing: bool) -> int:
         """Image.write_from for a range that passed the image's checks (see there)."""
@@ -295,7 +294,7 @@ class Writer:
         host = start << cb
         n = min(end - offset, k << cb)
         try:
-            _copy_all(fd, self.f.fd, n, src, host)
+            self.f.copy_in(fd, src, n, host)
         except OSError as e:
             self.alloc.unalloc(start, k)
             if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -373,12 +372,4 @@ class Writer:
         for e in frees:
             self.alloc.free_entry(e)
 
-
-def _copy_all(src_fd: int, dst_fd: int, n: int, src: int, dst: int) -> None:
-    done = 0
-    while done < n:
-        got = blocking.copy_file_range(src_fd, dst_fd, n - done, src + done, dst + done)
-        if got <= 0:
-            raise OSError(errno.EIO, "copy_file_range made no progress")
-        done += got
 
