@@ -123,13 +123,15 @@ class _Connection:
                 if isinstance(event, proto.HandshakeDone):
                     return event.export
 
-    def submit(self, command: int, offset: int, length: int) -> _Waiter:
+    def submit(self, command: int, offset: int, length: int,
+               into: memoryview | None = None) -> _Waiter:
+        """Send a request; into: the buffer a read's reply is written to (see forget)."""
         waiter = _Waiter()
         with self._lock:
             if self.lost is not None:
                 raise _Lost(self.lost)
             if command == proto.CMD_READ:
-                handle = self._client.read(offset, length)
+                handle = self._client.read(offset, length, into)
             else:
                 handle = self._client.block_status(offset, length)
             if not self._waiters:
@@ -142,18 +144,24 @@ class _Connection:
         return waiter
 
     def forget(self, waiter: _Waiter) -> None:
-        """The caller gave up on waiter: its reply, if it comes, is dropped."""
+        """The caller gave up on waiter: its reply, if it comes, is dropped (and no longer
+        written to the caller's buffer)."""
         with self._lock:
             for handle, w in list(self._waiters.items()):
                 if w is waiter:
                     del self._waiters[handle]
+                    self._client.detach(handle)
 
     def _read_loop(self) -> None:
         reason = "the server closed the connection"
+        # one receive buffer for the connection's life: a fresh 1 MiB per recv() costs
+        # a page fault per 4 KiB (measured: the client topped out at 550 MiB/s)
+        buf = memoryview(bytearray(RECV_SIZE))
         try:
             while True:
                 try:
-                    data = self._sock.recv(RECV_SIZE)
+                    got = self._sock.recv_into(buf)
+                    data = buf[:got]
                 except TimeoutError:
                     with self._lock:
                         if self.lost is not None:
@@ -286,6 +294,24 @@ class NbdSource:
         data = b"".join(parts)[offset - start : end - start]
         return data + bytes(length - len(data))
 
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        """pread() into view, the replies written straight into it where the range is
+        aligned to the server's blocks (else through pread)."""
+        n = len(view)
+        end = min(offset + n, self.size)
+        lo = self.export.min_block
+        if n <= 0 or offset >= end or offset % lo or (end % lo and end != self.size):
+            view[:] = self.pread(n, offset)
+            return
+        blocking.about_to_block(f"NBD read of {n} bytes")
+        deadline = time.monotonic() + self._timeout
+        step = self.export.max_block
+        for at in range(offset, end, step):
+            k = min(step, end - at)
+            self._request(proto.CMD_READ, at, k, deadline, view[at - offset:at - offset + k])
+        if end < offset + n:
+            view[end - offset:] = bytes(offset + n - end)
+
     def block_status(self, offset: int, length: int) -> tuple[int, bool] | None:
         if self.export.meta_context is None or offset >= self.size or length <= 0:
             return None
@@ -328,9 +354,10 @@ class NbdSource:
     def _fail(self, code: int, reason: str) -> OSError:
         return OSError(code, f"{self.url}: {reason}")
 
-    def _request(self, command: int, offset: int, length: int,
-                 deadline: float) -> proto.Event:
-        """The reply to one request, retried on lost connections and transient errors."""
+    def _request(self, command: int, offset: int, length: int, deadline: float,
+                 into: memoryview | None = None) -> proto.Event:
+        """The reply to one request, retried on lost connections and transient errors;
+        a read with into fills it (a retry fills it again)."""
         what = "read" if command == proto.CMD_READ else "block status"
         backoff = BACKOFF_FIRST
         tries = 0
@@ -342,7 +369,7 @@ class NbdSource:
             try:
                 conn = self._connection(deadline)
                 try:
-                    waiter = conn.submit(command, offset, length)
+                    waiter = conn.submit(command, offset, length, into)
                 except _Lost as lost:
                     reason = str(lost)
                 else:

@@ -22,6 +22,35 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
+from vdisk.engine.remote.nbd_events import DEFAULT_MAX_BLOCK as DEFAULT_MAX_BLOCK
+from vdisk.engine.remote.nbd_events import (
+    CommandFailed as CommandFailed,
+)
+from vdisk.engine.remote.nbd_events import (
+    Event as Event,
+)
+from vdisk.engine.remote.nbd_events import (
+    Export as Export,
+)
+from vdisk.engine.remote.nbd_events import (
+    HandshakeDone as HandshakeDone,
+)
+from vdisk.engine.remote.nbd_events import (
+    NbdError as NbdError,
+)
+from vdisk.engine.remote.nbd_events import (
+    ProtocolError as ProtocolError,
+)
+from vdisk.engine.remote.nbd_events import (
+    ReadDone as ReadDone,
+)
+from vdisk.engine.remote.nbd_events import (
+    Refused as Refused,
+)
+from vdisk.engine.remote.nbd_events import (
+    StatusDone as StatusDone,
+)
+
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 CLISERV_MAGIC = 0x00420281861253  # oldstyle negotiation
@@ -62,7 +91,6 @@ BASE_ALLOCATION = "base:allocation"
 MAX_STRING = 4096  # the longest export name or message the protocol allows
 MAX_OPTION_REPLY = 2 * MAX_STRING + 64  # every option reply we accept fits in this
 MAX_STATUS_EXTENTS = 1 << 17  # extents in one block status chunk (1 MiB of descriptors)
-DEFAULT_MAX_BLOCK = 32 << 20  # the largest request when the server does not say
 MAX_LENGTH = (1 << 32) - 1
 
 _OPT_HEADER = struct.Struct(">QII")
@@ -72,60 +100,6 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
 
 
-class NbdError(Exception):
-    """Base of the errors of this module."""
-
-
-class ProtocolError(NbdError):
-    """The server broke the protocol, or closed the connection in the middle of it."""
-
-
-class Refused(NbdError):
-    """The server refused the handshake; the message says why, for the user."""
-
-
-@dataclass(frozen=True)
-class Export:
-    """What the handshake learnt about the export."""
-
-    size: int
-    flags: int
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = DEFAULT_MAX_BLOCK
-    structured: bool = False
-    meta_context: int | None = None  # the id of base:allocation, if it was selected
-
-
-@dataclass(frozen=True)
-class HandshakeDone:
-    export: Export
-
-
-@dataclass(frozen=True)
-class ReadDone:
-    handle: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StatusDone:
-    """The base:allocation extents from the request's offset: (length, NBD_STATE_*)."""
-
-    handle: int
-    extents: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class CommandFailed:
-    """The server answered the request with an error (an errno value of the protocol)."""
-
-    handle: int
-    error: int
-    message: str = ""
-
-
-Event = HandshakeDone | ReadDone | StatusDone | CommandFailed
 
 
 class Phase(enum.Enum):
@@ -143,7 +117,7 @@ class _Pending:
     command: int
     offset: int
     length: int
-    data: bytearray | None = None
+    data: bytearray | memoryview | None = None  # a memoryview: the caller's buffer
     covered: list[tuple[int, int]] = field(default_factory=list)  # (start, end) received
     extents: tuple[tuple[int, int], ...] | None = None
     error: tuple[int, str] | None = None
@@ -180,7 +154,7 @@ class Client:
         self._out.clear()
         return out
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         if self._failed is not None:
             raise self._failed
         self._in += data
@@ -214,14 +188,24 @@ class Client:
                                      f"{self.phase.value}{what}")
         raise self._failed
 
-    def read(self, offset: int, length: int) -> int:
-        """Queue NBD_CMD_READ; returns its handle."""
+    def read(self, offset: int, length: int, into: memoryview | None = None) -> int:
+        """Queue NBD_CMD_READ; returns its handle. into: length writable bytes that the
+        reply is written to as it arrives (ReadDone then holds into), until detach()."""
         export = self._transmitting()
         self._check_range(offset, length, export)
         if length > export.max_block:
             raise ValueError(f"read of {length} bytes: the server's maximum is "
                              f"{export.max_block}")
-        return self._request(CMD_READ, offset, length, bytearray(length))
+        if into is not None and len(into) != length:
+            raise ValueError(f"a buffer of {len(into)} bytes for a read of {length}")
+        return self._request(CMD_READ, offset, length, bytearray(length) if into is None
+                             else into)
+
+    def detach(self, handle: int) -> None:
+        """The caller's buffer of a read in flight is no longer to be written to."""
+        pending = self._pending.get(handle)
+        if pending is not None and isinstance(pending.data, memoryview):
+            pending.data = bytearray(pending.length)
 
     def block_status(self, offset: int, length: int) -> int:
         """Queue NBD_CMD_BLOCK_STATUS on base:allocation; returns its handle."""
@@ -252,7 +236,7 @@ class Client:
                              f"the server's {export.min_block}-byte blocks")
 
     def _request(self, command: int, offset: int, length: int,
-                 data: bytearray | None) -> int:
+                 data: bytearray | memoryview | None) -> int:
         handle = self._next_handle
         self._next_handle += 1
         self._pending[handle] = _Pending(command, offset, length, data)
@@ -476,7 +460,12 @@ class Client:
             return False
         self._pos += _SIMPLE_REPLY.size
         del self._pending[handle]
-        events.append(ReadDone(handle, bytes(self._take(pending.length))))
+        data = pending.data
+        if isinstance(data, memoryview):  # the caller's buffer
+            data[:] = self._take(pending.length)
+            events.append(ReadDone(handle, data))
+        else:
+            events.append(ReadDone(handle, bytes(self._take(pending.length))))
         return True
 
     def _chunk(self, events: list[Event]) -> bool:
@@ -533,7 +522,9 @@ class Client:
                                     f"request ({pending.length} bytes at {pending.offset})")
             if ctype == REPLY_TYPE_OFFSET_DATA:
                 pending.data[start : start + size] = payload[8:]
-            # a hole leaves the zeroes the buffer started with (chunks may not overlap)
+            elif isinstance(pending.data, memoryview):  # a hole: the caller's buffer is not
+                # zeroed, as a fresh one is
+                pending.data[start : start + size] = bytes(size)
             pending.covered.append((start, start + size))
         elif ctype == REPLY_TYPE_BLOCK_STATUS:
             self._status_chunk(pending, payload)
@@ -596,4 +587,5 @@ class Client:
             at = end
         if at != pending.length:
             raise ProtocolError(f"read reply covers {at} of {pending.length} bytes")
-        return ReadDone(handle, bytes(pending.data))
+        data = pending.data
+        return ReadDone(handle, data if isinstance(data, memoryview) else bytes(data))
