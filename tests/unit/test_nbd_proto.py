@@ -207,6 +207,39 @@ def test_structured_read_assembles_data_and_hole_chunks_in_any_order(splits: boo
                       ReadDone(h1, b"a" * 4096 + bytes(4096) + b"c" * 4096)]
 
 
+@pytest.mark.parametrize("splits", [False, True])
+def test_a_read_into_the_callers_buffer_fills_it_holes_included(splits: bool) -> None:
+    c, _ = structured_client()
+    buf = memoryview(bytearray(b"\xff" * 12288))  # not zeroed: a hole must write zeroes
+    h = c.read(4096, 12288, into=buf)
+    c.data_to_send()
+    script = (hole_chunk(h, 8192, 4096) + data_chunk(h, 12288, b"c" * 4096)
+              + data_chunk(h, 4096, b"a" * 4096, done=True))
+    (done,) = feed(c, script, splits)
+    assert isinstance(done, ReadDone) and done.handle == h and done.data is buf
+    assert bytes(buf) == b"a" * 4096 + bytes(4096) + b"c" * 4096
+    with pytest.raises(ValueError):
+        c.read(0, 4096, into=memoryview(bytearray(100)))
+
+
+def test_a_detached_buffer_is_not_written_and_simple_replies_fill_it_too() -> None:
+    c, _ = structured_client()
+    buf = memoryview(bytearray(4096))
+    h = c.read(0, 4096, into=buf)
+    c.detach(h)  # the caller gave up (a timeout): a late reply must not land in buf
+    (done,) = feed(c, data_chunk(h, 0, b"z" * 4096, done=True))
+    assert bytes(buf) == bytes(4096) and done == ReadDone(h, b"z" * 4096)
+    s = Client("x", structured=False)
+    feed(s, greeting())
+    s.data_to_send()
+    (hs,) = feed(s, info_export() + opt_reply(7, 1))
+    assert isinstance(hs, HandshakeDone)
+    buf = memoryview(bytearray(8))
+    h = s.read(0, 8, into=buf)
+    (done,) = feed(s, simple(h, 0, b"12345678"))
+    assert isinstance(done, ReadDone) and done.data is buf and bytes(buf) == b"12345678"
+
+
 def test_block_status_extents_are_clipped_to_the_export() -> None:
     c, _ = structured_client(ctx=7, size=3 * 4096)
     h = c.block_status(4096, 8192)
