@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=None, help="chain size (default 1G)")
     p.add_argument("--quick", action="store_true",
-                   help="small run: 64M chain, 2 s per fio run (for smoke tests)")
-    p.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10; 2 quick)")
+                   help="small run: 64M chain, 1 s per fio run (for smoke tests)")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10; 1 quick)")
     p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
                    help="where to write the results (default bench-results/bench.json)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the ratios (needs matplotlib)")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     size = args.size or ((64 << 20) if args.quick else (1 << 30))
-    runtime = args.runtime or (2.0 if args.quick else 10.0)
+    runtime = args.runtime or (1.0 if args.quick else 10.0)
     ramp = 0.0 if args.quick else 1.0
     if os.geteuid() != 0:
         print("bench: warning: not root; FUSE mounts may need /etc/fuse.conf user_allow_other",
