@@ -2,7 +2,14 @@
 
 Run it through scripts/bench (which installs the tools first):
 
-    scripts/bench [--size 1G] [--quick] [--json FILE] [--plot FILE.png] [--profile DIR]
+    scripts/bench [--size 1G] [--quick] [--paths LIST] [--json FILE] [--plot FILE.png]
+                  [--profile DIR]
+
+The I/O matrix runs the same fio jobs on each access path (--paths, default all):
+fuse-direct (fio O_DIRECT on the served file), fuse-buffered (fio buffered on it),
+loop-buffered and loop-direct (fio O_DIRECT on a loop device on it, in the loop device's
+default buffered mode or with --direct-io=on), guest (fio in a TCG VM whose virtio disk is
+the served file, cache=none).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from bench_lib.chain import build_chain  # noqa: E402
+from bench_lib.paths import PATHS, parse_paths  # noqa: E402
 from bench_lib.report import figures, plot, table, targets, write_json  # noqa: E402
 from bench_lib.runner import Bench, Settings  # noqa: E402
 from bench_lib.sides import VdiskSide  # noqa: E402
@@ -102,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=None, help="chain size (default 1G)")
     p.add_argument("--quick", action="store_true",
-                   help="small run: 64M chain, 2 s per fio run (for smoke tests)")
-    p.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10; 2 quick)")
+                   help="small run: 64M chain, 1 s per fio run (for smoke tests)")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10; 1 quick)")
     p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
                    help="where to write the results (default bench-results/bench.json)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the ratios (needs matplotlib)")
@@ -118,14 +126,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the remote-base figures (NBD with nbdkit's delay, HTTP with nginx)")
     p.add_argument("--only-remote", action="store_true",
                    help="only the remote-base figures")
+    p.add_argument("--paths", default="all", metavar="LIST",
+                   help=f"access paths of the I/O matrix, comma-separated: {', '.join(PATHS)} "
+                   "(default all)")
+    p.add_argument("--guest-cache", type=Path, default=ROOT / "bench-results" / "guest-cache",
+                   help="where the VM guest's kernel and initramfs are kept between runs "
+                   "(default bench-results/guest-cache)")
     args = p.parse_args(argv)
+    try:
+        paths = parse_paths(args.paths)
+    except ValueError as e:
+        p.error(str(e))
     size = args.size or ((64 << 20) if args.quick else (1 << 30))
-    runtime = args.runtime or (2.0 if args.quick else 10.0)
+    runtime = args.runtime or (1.0 if args.quick else 10.0)
     ramp = 0.0 if args.quick else 1.0
     if os.geteuid() != 0:
         print("bench: warning: not root; FUSE mounts may need /etc/fuse.conf user_allow_other",
               file=sys.stderr)
-    for tool in ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3"):
+    tools = ["fio", "qemu-img", "qemu-storage-daemon", "fusermount3"]
+    if any(path.loop for path in paths):
+        tools.append("losetup")
+    if any(path.guest for path in paths):
+        tools += ["qemu-system-x86_64", "busybox", "apt-get", "dpkg-deb"]
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (run scripts/setup)", file=sys.stderr)
             return 1
@@ -149,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: building a {size >> 20} MiB chain in {work}", flush=True)
         chain = build_chain(work / "src", (16 << 20) if args.only_remote else size)
         settings = Settings(work=work, runtime=runtime, ramp=ramp, profile=args.profile,
-                            log=work / "fio.log")
+                            log=work / "fio.log", paths=tuple(paths),
+                            guest_cache=args.guest_cache)
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         bench = Bench(chain, settings)
@@ -171,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "machine": mach,
         "config": {"vdisk": vdisk_src, "size": size, "runtime_s": runtime, "ramp_s": ramp, "quick": args.quick,
-                   "fio": "ioengine=psync direct=1 (O_DIRECT on both sides)",
+                   "fio": "ioengine=psync; direct=1 except on fuse-buffered (see PERFORMANCE.md)",
+                   "paths": [path.name for path in paths],
                    "duration_s": round(time.time() - started, 1)},
         "figures": figs,
         "reference": ref,
         "targets": tgts,
         "raw": bench.results,
         "notes": bench.notes,
+        "timings_s": bench.timings,
     }
     write_json(args.json, doc)
     print()

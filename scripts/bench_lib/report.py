@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench_lib.paths import JOB_LABELS, PATHS, figure_key
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -24,6 +26,13 @@ FIGURES = [
     Figure("randread_4k_j4_iops", "rand read 4K, 4 jobs", "IOPS", "higher", True),
     Figure("randwrite_4k_j1_iops", "rand write 4K, 1 job", "IOPS", "higher", True),
     Figure("randwrite_4k_j4_iops", "rand write 4K, 4 jobs", "IOPS", "higher", True),
+]
+FIGURES += [  # the I/O matrix on the other access paths (fuse-direct's are above)
+    Figure(figure_key(p, job), p.label + JOB_LABELS[job.name],
+           "MiB/s" if job.bs == "1M" else "IOPS", "higher", True)
+    for p in PATHS.values() if p.prefix for job in p.jobs
+]
+FIGURES += [
     Figure("randread_4k_p50_us", "rand read 4K p50", "us", "lower"),
     Figure("randread_4k_p99_us", "rand read 4K p99", "us", "lower"),
     Figure("cor_first_read_mbps", "copy-on-read first-touch seq read 1M", "MiB/s", "higher", True),
@@ -69,9 +78,14 @@ def targets(figs: dict[str, dict[str, Any]], ref: dict[str, Any]) -> list[dict[s
         out.append({"target": name, "measured": measured, "limit": limit,
                     "rule": ">=" if higher_ok else "<=", "met": met})
 
+    def measured(key: str) -> bool:
+        return figs[key]["vdisk"] is not None or figs[key]["qsd"] is not None
+
     for f in FIGURES:
-        if f.throughput:
+        if f.throughput and measured(f.key):
             add(f"{f.label}: vdisk/qsd", figs[f.key]["ratio"], 1.0, True)
+    if measured("rss_idle_mib"):
+        add("RSS idle: vdisk/qsd", figs["rss_idle_mib"]["ratio"], 2.0, False)
     add("stream time: vdisk/qsd", figs["stream_s"]["ratio"], 1.0, False)
     v_stream = figs["stream_s"]["vdisk"]
     rebase = ref.get("qemu_img_rebase_s")
@@ -105,6 +119,8 @@ def table(figs: dict[str, dict[str, Any]], ref: dict[str, Any],
     rows = ["| figure | unit | vdisk | qsd | vdisk/qsd | better |",
             "|---|---|---:|---:|---:|---|"]
     for f in figs.values():
+        if f["vdisk"] is None and f["qsd"] is None:
+            continue  # not measured in this run (--paths, --no-remote, --only-remote)
         rows.append(f"| {f['label']} | {f['unit']} | {_num(f['vdisk'])} | {_num(f['qsd'])} | "
                     f"{_num(f['ratio'])} | {f['better']} |")
     rows.append(f"| qemu-img rebase -b '' (offline flatten) | s | "

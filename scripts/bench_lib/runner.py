@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench_lib.chain import TOP_FRACTION, Chain, copy_chain, sparse_chain
 from bench_lib.fio import Job, run_fio
+from bench_lib.guest import GuestImage, prepare, run_guest
+from bench_lib.paths import PATHS, AccessPath, drop_cache, figure_key, loop_device
 from bench_lib.profile import sampled
 from bench_lib.remote import run_remote
 from bench_lib.sides import SIDES, Side
@@ -21,14 +25,6 @@ FINAL = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 MiB = 1 << 20
 TIB = 1 << 40
 
-MAIN_JOBS = [  # order matters (writes allocate in the top) and is the same on both sides
-    Job("seq_read_1m", "read", "1M"),
-    Job("randread_4k_j1", "randread", "4k"),
-    Job("randread_4k_j4", "randread", "4k", numjobs=4),
-    Job("randwrite_4k_j1", "randwrite", "4k"),
-    Job("randwrite_4k_j4", "randwrite", "4k", numjobs=4),
-    Job("seq_write_1m", "write", "1M"),
-]
 PROFILED = {"randread_4k_j4", "randwrite_4k_j4"}
 
 
@@ -40,6 +36,8 @@ class Settings:
     sparse_size: int = 2 * TIB
     profile: Path | None = None
     log: Path | None = None
+    paths: tuple[AccessPath, ...] = tuple(PATHS.values())
+    guest_cache: Path | None = None  # where the VM guest's kernel and initramfs are kept
 
 
 def warm(chain: Chain) -> None:
@@ -85,6 +83,8 @@ class Bench:
         self.s = settings
         self.results: dict[str, dict[str, Any]] = {name: {} for name in SIDES}
         self.notes: list[str] = []
+        self.guest: GuestImage | None = None
+        self.timings: dict[str, float] = {}  # seconds each step took, both sides
 
     def fresh(self, side_name: str, what: str) -> Chain:
         copy = copy_chain(self.chain, self.s.work / f"{what}-{side_name}")
@@ -101,26 +101,51 @@ class Bench:
 
     # -- measurements -------------------------------------------------------------
 
-    def main_io(self, name: str) -> None:
-        """Throughput, IOPS and latency (copy-on-read off), and the idle RSS."""
+    def path_io(self, name: str, path: AccessPath) -> None:
+        """The jobs of one access path on a fresh copy; first, the idle RSS."""
         r = self.results[name]
-        chain = self.fresh(name, "io")
+        chain = self.fresh(name, f"io-{path.name}")
         with SIDES[name](chain, chain.dir) as side:
-            mem = side.memory()
-            r["rss_idle_mib"] = mem["VmRSS"] / MiB
-            for job in MAIN_JOBS:
-                self.say(f"{name}: fio {job.name}")
-                prof = self.s.profile if job.name in PROFILED and name == "vdisk" else None
-                with sampled(side.pid, prof, job.name):
-                    out = self.fio(side, job)
-                d = out["read"] if "read" in job.rw else out["write"]
-                if job.bs == "1M":
-                    r[f"{job.name}_mbps"] = d["bw"] / MiB
-                else:
-                    r[f"{job.name}_iops"] = d["iops"]
-                if job.name == "randread_4k_j1":
-                    r["randread_4k_p50_us"] = d["p50_ns"] / 1000
-                    r["randread_4k_p99_us"] = d["p99_ns"] / 1000
+            if "rss_idle_mib" not in r:
+                r["rss_idle_mib"] = side.memory()["VmRSS"] / MiB
+            if path.guest:
+                self.guest_io(side, path)
+                return
+            with ExitStack() as stack:
+                target = side.file
+                if path.loop is not None:
+                    target = stack.enter_context(loop_device(side.file, path.loop == "direct"))
+                for job in path.jobs:
+                    self.say(f"{name}: {path.name}: fio {job.name}")
+                    drop_cache(side.file)
+                    profiled = job.name in PROFILED and name == "vdisk" and not path.prefix
+                    with sampled(side.pid, self.s.profile if profiled else None, job.name):
+                        out = run_fio(target, job, runtime=self.s.runtime, ramp=self.s.ramp,
+                                      direct=path.fio_direct, end_fsync=path.end_fsync,
+                                      log=self.s.log)
+                    self.record(r, path, job, out)
+
+    def record(self, r: dict[str, Any], path: AccessPath, job: Job, out: dict[str, Any]) -> None:
+        d = out["read"] if "read" in job.rw else out["write"]
+        r[figure_key(path, job)] = d["bw"] / MiB if job.bs == "1M" else d["iops"]
+        if not path.prefix and job.name == "randread_4k_j1":
+            r["randread_4k_p50_us"] = d["p50_ns"] / 1000
+            r["randread_4k_p99_us"] = d["p99_ns"] / 1000
+
+    def guest_io(self, side: Side, path: AccessPath) -> None:
+        """The guest jobs inside a TCG VM whose virtio disk is the served file."""
+        if self.guest is None:
+            self.guest = prepare(self.s.guest_cache or self.s.work / "guest-cache", self.say)
+            self.notes.append(f"guest: qemu-system-x86_64 -accel tcg, -drive ...,cache=none,"
+                              f"aio={self.guest.aio}, kernel {self.guest.kernel.name}")
+        self.say(f"{side.name}: {path.name}: booting a TCG guest, fio "
+                 f"{', '.join(j.name for j in path.jobs)} on its virtio disk")
+        t0 = time.monotonic()
+        outs = run_guest(self.guest, side.file, path.jobs, runtime=self.s.runtime,
+                         ramp=self.s.ramp, work=side.work / "guest", log=self.s.log)
+        self.results[side.name]["guest_run_s"] = time.monotonic() - t0
+        for job in path.jobs:
+            self.record(self.results[side.name], path, job, outs[job.name])
 
     def cor_read(self, name: str) -> None:
         """First touch of backing data with copy-on-read on: one sequential 1 MiB pass."""
@@ -217,24 +242,38 @@ class Bench:
     def run_all(self, remote: bool = True, remote_size: int = 256 * MiB, local: bool = True
                 ) -> dict[str, Any]:
         ref: dict[str, Any] = {}
-        steps = (self.main_io, self.cor_read, self.stream, self.stream_latency, self.sparse)
+        for path in self.s.paths if local else ():
+            with self.timed(path.name):
+                for name in SIDES:
+                    self.path_io(name, path)
+                    self.drop_copies()
+        steps = (self.cor_read, self.stream, self.stream_latency, self.sparse)
         for step in steps if local else ():
-            for name in SIDES:
-                step(name)
-                self.drop_copies()
+            with self.timed(step.__name__):
+                for name in SIDES:
+                    step(name)
+                    self.drop_copies()
         if local:
             ref["qemu_img_rebase_s"] = self.rebase()
             self.drop_copies()
         if remote:
-            for name, figs in run_remote(self.s.work / "remote", self.say, self.s.log,
-                                         remote_size).items():
-                self.results[name].update(figs)
-            self.drop_copies()
+            with self.timed("remote"):
+                for name, figs in run_remote(self.s.work / "remote", self.say, self.s.log,
+                                             remote_size).items():
+                    self.results[name].update(figs)
+                self.drop_copies()
         return ref
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        yield
+        self.timings[step] = round(time.monotonic() - t0, 1)
 
     def drop_copies(self) -> None:
         """Remove the chain copies of finished steps (their servers are stopped)."""
         for d in self.s.work.iterdir():
-            keep = d == self.chain.dir or d == self.s.profile or d.name.startswith("vdisk-")
+            keep = (d in (self.chain.dir, self.s.profile, self.s.guest_cache)
+                    or d.name.startswith("vdisk-") or d.name == "guest-cache")
             if d.is_dir() and not keep:
                 shutil.rmtree(d, ignore_errors=True)
