@@ -68,8 +68,8 @@ async def test_copy_up_step_matches_qemu(tmp_path: Path, case: int, with_base: b
     fast = [0]
     orig = img.write_from  # type: ignore[attr-defined]
 
-    def counted(*args: int) -> int:
-        n = orig(*args)
+    def counted(*args: int, direct: bool = False) -> int:
+        n = orig(*args, direct=direct)
         fast[0] += n
         return n
 

@@ -84,11 +84,12 @@ class Image(abc.ABC):
         image (sources are thread-safe); None when it is not (the default)."""
         return None
 
-    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
-        """Write length bytes that fd holds at src, without filling this file's page
-        cache where the driver can (qcow2: through its O_DIRECT fd); the bytes written (a
-        prefix), 0 when it cannot (the default). It may wait for the device, like
-        write_copy: call it in a worker thread."""
+    def write_from(self, offset: int, fd: int, src: int, length: int, *,
+                   direct: bool = False) -> int:
+        """Write length bytes that fd holds at src (a copy-up): in the kernel where the
+        driver can, or with direct without filling this file's page cache (qcow2: through
+        its O_DIRECT fd, so it may wait for the device, like write_copy: call it in a
+        worker thread); the bytes written (a prefix), 0 when it cannot (the default)."""
         return 0
 
     def may_block(self, op: str, offset: int, length: int) -> bool:

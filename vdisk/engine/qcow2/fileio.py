@@ -133,12 +133,12 @@ class ImageFile:
             self._direct = _open_direct(self.fd)
         return self._direct >= 0
 
-    def copy_in(self, src_fd: int, src: int, n: int, dst: int) -> None:
-        """Copy n bytes of src_fd at src to dst: read into a reused page-aligned buffer
-        and written through the O_DIRECT fd, so the copy fills no page-cache pages of
-        this file; with copy_file_range where there is no O_DIRECT fd. It waits for the
-        device: never call it on the event loop."""
-        if not self.can_direct():
+    def copy_in(self, src_fd: int, src: int, n: int, dst: int, direct: bool = False) -> None:
+        """Copy n bytes of src_fd at src to dst with copy_file_range; with direct, read into
+        a reused page-aligned buffer and written through the O_DIRECT fd (where there is
+        one), so the copy fills no page-cache pages of this file but waits for the device:
+        never on the event loop."""
+        if not direct or not self.can_direct():
             _copy_file_range_all(src_fd, self.fd, n, src, dst)
             return
         if self._copy_buf is None:

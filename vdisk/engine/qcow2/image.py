@@ -398,17 +398,13 @@ class Qcow2Image(Image):
 
     # -- writes -----------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        writer = self._check_writable()
-        mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
-        if not len(mv):
-            return
-        self._before_write()
-        self.bm.mark(offset, len(mv))
-        writer.write(offset, mv)
+        self._write(offset, data, False)
 
     def write_copy(self, offset: int, data: bytes | memoryview) -> None:
         """Image.write_copy: the data's new clusters written through the O_DIRECT fd."""
+        self._write(offset, data, True)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, direct: bool) -> None:
         writer = self._check_writable()
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv))
@@ -416,16 +412,17 @@ class Qcow2Image(Image):
             return
         self._before_write()
         self.bm.mark(offset, len(mv))
-        writer.write(offset, mv, direct=True)
+        writer.write(offset, mv, direct)
 
-    def write_from(self, offset: int, fd: int, src: int, length: int) -> int:
+    def write_from(self, offset: int, fd: int, src: int, length: int, *,
+                   direct: bool = False) -> int:
         """Copy length bytes from fd at src into whole clusters at offset that this image
-        does not hold (standard L2 entries, all unallocated), through a reused aligned
-        buffer and the O_DIRECT fd (ImageFile.copy_in). Returns the bytes done (a prefix);
-        0: use write()."""
+        does not hold (standard L2 entries, all unallocated): copy_file_range, or with
+        direct through a reused aligned buffer and the O_DIRECT fd (ImageFile.copy_in).
+        Returns the bytes done (a prefix); 0: use write()."""
         writer = self._check_writable()
         self._check_range(offset, length)
-        done = writer.write_from(offset, fd, src, length, self.backing_name is not None)
+        done = writer.write_from(offset, fd, src, length, self.backing_name is not None, direct)
         self.bm.mark(offset, done)
         return done
 

@@ -273,7 +273,7 @@ class Writer:
 
     # -- copies from another file (the O_DIRECT fd) ------------------------------------
     def write_from(self, offset: int, fd: int, src: int, length: int,
-                   has_backing: bool) -> int:
+                   has_backing: bool, direct: bool = False) -> int:
         """Image.write_from for a range that passed the image's checks (see there)."""
         cb, cs = self.cluster_bits, self.cluster_size
         cmap = self.map
@@ -294,7 +294,7 @@ class Writer:
         host = start << cb
         n = min(end - offset, k << cb)
         try:
-            self.f.copy_in(fd, src, n, host)
+            self.f.copy_in(fd, src, n, host, direct)
         except OSError as e:
             self.alloc.unalloc(start, k)
             if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
