@@ -30,6 +30,7 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from bench_lib.chain import build_chain  # noqa: E402
+from bench_lib.floor import table as floor_table  # noqa: E402
 from bench_lib.paths import PATHS, parse_paths  # noqa: E402
 from bench_lib.report import figures, plot, table, targets, write_json  # noqa: E402
 from bench_lib.runner import Bench, Settings  # noqa: E402
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, doc)
     print()
     print(table(figs, ref, tgts))
+    if "request_floor" in ref:
+        print()
+        print(floor_table(ref["request_floor"]))
     for note in bench.notes:
         print(f"note: {note}")
     print(f"\nbench: results in {args.json}")

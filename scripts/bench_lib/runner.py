@@ -12,6 +12,7 @@ from typing import Any
 
 from bench_lib.chain import TOP_FRACTION, Chain, copy_chain, sparse_chain
 from bench_lib.fio import Job, run_fio
+from bench_lib.floor import floor_step
 from bench_lib.guest import GuestImage, prepare, run_guest
 from bench_lib.paths import PATHS, AccessPath, drop_cache, figure_key, loop_device
 from bench_lib.profile import sampled
@@ -255,6 +256,9 @@ class Bench:
                     self.drop_copies()
         if local:
             ref["qemu_img_rebase_s"] = self.rebase()
+            self.drop_copies()
+            with self.timed("floor"):
+                ref["request_floor"] = floor_step(self)
             self.drop_copies()
         if remote:
             with self.timed("remote"):

@@ -88,6 +88,10 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         assert figs[key]["vdisk"] is None and figs[key]["qsd"] is None, key
         assert figs[key]["label"] not in stdout
     assert doc["reference"]["qemu_img_rebase_s"] > 0
+    floor = doc["reference"]["request_floor"]  # vdisk, qsd and a bare pyfuse3 passthrough
+    for server in ("vdisk", "qsd", "passthrough"):
+        for job in ("randread_4k_j1", "randwrite_4k_j1"):
+            assert floor[server][job]["iops"] > 0 and floor[server][job]["cpu_us_per_request"] > 0
     assert doc["targets"] and all(t["met"] in (True, False) for t in doc["targets"])
     by_name = {t["target"]: t for t in doc["targets"]}
     assert by_name["RSS idle: vdisk/qsd"]["rule"] == "<=" and \
