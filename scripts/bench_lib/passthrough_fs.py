@@ -70,6 +70,8 @@ def main() -> None:
     pyfuse3.init(fs, sys.argv[2], mount_options(allow_other=False))
     try:
         trio.run(pyfuse3.main, FUSE_MIN_TASKS, FUSE_MAX_TASKS)
+    except* KeyboardInterrupt:
+        pass  # SIGINT: how the bench stops it
     finally:
         pyfuse3.close(unmount=True)
 
