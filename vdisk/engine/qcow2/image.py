@@ -307,19 +307,25 @@ class Qcow2Image(Image):
         cmap = self.map
         l1i = offset >> cmap.chunk_bits
         l1 = cmap.l1
-        if l1i >= len(l1) or not l1[l1i] & OFFSET_MASK:
+        if l1i >= len(l1):
             return None
-        l2 = cmap.table(l1i)
-        if l2 is None:
-            return None
-        e = l2[(offset >> self.cluster_bits) & (cmap.l2_entries - 1)]
+        if not l1[l1i] & OFFSET_MASK:
+            e = 0  # no L2 table: unallocated
+        else:
+            l2 = cmap.table(l1i)
+            if l2 is None:
+                return None
+            e = l2[(offset >> self.cluster_bits) & (cmap.l2_entries - 1)]
         off = e & OFFSET_MASK
         if e & COMPRESSED or off & (self.cluster_size - 1):
             return None
         if self.version >= 3 and e & ZERO:
             return bytes(length)
-        if not off:
-            return None
+        if not off:  # unallocated: the backing file's view (a 4 KiB read of a base)
+            bk = self.backing
+            if e or bk is None or offset + length > bk.virtual_size:
+                return None
+            return bk.read(offset, length)
         host = off + (offset & (self.cluster_size - 1))
         if host + length > self.f.size:
             return None
