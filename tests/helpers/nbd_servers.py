@@ -33,6 +33,17 @@ def listening(port: int) -> bool:
         return False
 
 
+def unix_listening(path: Path) -> bool:
+    """A server accepts connections on the UNIX socket path (not just: the file exists;
+    a killed server leaves its socket behind)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 class Server:
     """A server process, stopped (and waited for) by stop()."""
 
@@ -78,7 +89,9 @@ def qemu_nbd(path: Path, fmt: str, *, sock: Path | None = None, port: int | None
              export: str = "exp") -> Server:
     where = ["-k", str(sock)] if sock else ["-b", "127.0.0.1", "-p", str(port)]
     argv = ["qemu-nbd", "-f", fmt, "-r", "-t", "--shared=8", "-x", export, *where, str(path)]
-    ready = (lambda: sock.exists()) if sock else (lambda: listening(port or 0))
+    if sock:
+        sock.unlink(missing_ok=True)  # left by a qemu-nbd killed before
+    ready = (lambda: unix_listening(sock)) if sock else (lambda: listening(port or 0))
     return Server(argv, ready, path.with_suffix(".qemu-nbd.log"))
 
 
