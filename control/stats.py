@@ -52,7 +52,7 @@ def node_stats(names: NodeNames, node: Node) -> dict[str, Any]:
     entry: dict[str, Any] = {"node-name": node.name, "stats": empty_qmp(),
              "parent": _file_stats(names.name(node.image, True))}
     if node.is_top:
-        entry["stats"]["wr_highest_offset"] = node.device.stats.wr_highest_offset
+        entry["stats"]["wr_highest_offset"] = node.device.stats.counters()["wr_highest_offset"]
     return entry
 
 

@@ -30,9 +30,11 @@ from typing import Any, TypeVar
 
 import trio
 
+from vdisk.block.cluster_table import ClusterTable, TableKeeper
 from vdisk.block.fetch import DEFAULT_INFLIGHT
 from vdisk.block.rangelock import RangeLock
 from vdisk.block.remote_chain import RemoteChain, has_remote_below
+from vdisk.block.seek import seek_in
 from vdisk.block.stats import IOStats, now
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
@@ -90,6 +92,22 @@ class BlockDevice:
         self.remote: RemoteChain | None = None
         self._update_remote()
         self.stats = IOStats()  # the users' requests (query-blockstats)
+        self._table: TableKeeper | None = None  # see attach_table
+
+    def attach_table(self, table: ClusterTable) -> None:
+        """Keep table true from now on (vdisk/block/cluster_table.py): the requests it
+        serves count in this drive's stats."""
+        self._table = TableKeeper(table, self.size, copy_on_read=self.copy_on_read,
+                                  read_only=self.read_only)
+        self.stats.outside = table.counters
+
+    def _table_reset(self) -> None:
+        if self._table is not None:
+            self._table.reset()
+
+    def _forget(self, offset: int, length: int, *, fence: bool = False) -> None:
+        if self._table is not None:
+            self._table.forget(offset, length, fence=fence)
 
     def _update_remote(self) -> None:
         if not has_remote_below(self.top):
@@ -104,14 +122,18 @@ class BlockDevice:
         """Run an engine call: in a worker thread if blocks() says it may block, else
         inline. blocks() is asked again once the engine lock is ours when it had to be
         waited for: a call that ran meanwhile may have changed the answer."""
-        if self._engine_threads:
-            return await self._threaded(fn, *args)
-        if not self._engine_lock.locked() and not blocks():
-            return fn(*args)
-        async with self._engine_lock:
-            if blocks():
-                return await self._in_thread(fn, *args)
-            return fn(*args)
+        try:
+            if self._engine_threads:
+                return await self._threaded(fn, *args)
+            if not self._engine_lock.locked() and not blocks():
+                return fn(*args)
+            async with self._engine_lock:
+                if blocks():
+                    return await self._in_thread(fn, *args)
+                return fn(*args)
+        except Exception:
+            self._table_reset()  # e.g. corruption found: the table may be wrong now
+            raise
 
     def _chain_blocks(self, op: str, offset: int, length: int) -> bool:
         """True if op on the range may block in any layer of the chain."""
@@ -122,10 +144,16 @@ class BlockDevice:
             img = img.backing
         return False
 
+    engine_call, chain_blocks = _call, _chain_blocks  # for helper modules (seek.py)
+
     async def _threaded(self, fn: Callable[..., T], *args: object) -> T:
         """Run an engine call that may sleep on the disk in a worker thread."""
-        async with self._engine_lock:
-            return await self._in_thread(fn, *args)
+        try:
+            async with self._engine_lock:
+                return await self._in_thread(fn, *args)
+        except Exception:
+            self._table_reset()
+            raise
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in the worker thread; the caller holds the engine lock."""
@@ -224,11 +252,12 @@ class BlockDevice:
         top = self.top
         if top.backing is None or top.backing is base:
             return 0
+        self._forget(start, end - start)
         copied = 0
         off = start
         if pieces is None:
             while off < end:
-                direct = now() - self.stats.last_ns > GUEST_QUIET_NS
+                direct = now() - self.stats.last_request_ns() > GUEST_QUIET_NS
                 off, n = await self._call(_always, self._copy_some, off, end, base, zeroes,
                                           direct)
                 copied += n
@@ -272,8 +301,14 @@ class BlockDevice:
         if top.may_block("read", offset, length):
             return None
         t0 = now()
-        data = top.read(offset, length) if length else b""
+        try:
+            data = top.read(offset, length) if length else b""
+        except Exception:
+            self._table_reset()
+            raise
         self.stats.read(length, t0)
+        if self._table is not None:
+            self._table.publish(top, offset, length)
         return data
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -358,9 +393,18 @@ class BlockDevice:
         if self.top.may_block("write", offset, len(data)):
             return False
         t0 = now()
+        table = self._table
         if data:
-            self.top.write(offset, data)
+            if table is not None:
+                table.forget(offset, len(data))
+            try:
+                self.top.write(offset, data)
+            except Exception:
+                self._table_reset()
+                raise
         self.stats.write(offset, len(data), t0)
+        if table is not None:
+            table.publish(self.top, offset, len(data))
         return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -372,12 +416,14 @@ class BlockDevice:
         if self.remote is not None:
             start, end = self._span(offset, len(data))
             async with self._locks.hold(start, end):
+                self._forget(start, end - start)
                 await self._fill_partial(self.remote, offset, len(data))
                 await self._call(partial(self.top.may_block, "write", offset, len(data)),
                                  self.top.write, offset, data)
             self.stats.write(offset, len(data), t0)
             return
         async with self._locks.hold(offset, offset + len(data)):
+            self._forget(offset, len(data))
             await self._call(partial(self.top.may_block, "write", offset, len(data)),
                              self.top.write, offset, data)
         self.stats.write(offset, len(data), t0)
@@ -391,12 +437,14 @@ class BlockDevice:
         if self.remote is not None:
             start, end = self._span(offset, length)
             async with self._locks.hold(start, end):
+                self._forget(start, end - start, fence=True)  # clusters may be freed: fence
                 await self._fill_partial(self.remote, offset, length)
                 await self._call(partial(self.top.may_block, "zeroes", offset, length),
                                  partial(self.top.write_zeroes, unmap=unmap), offset, length)
             self._count_zeroes(offset, length, unmap, t0)
             return
         async with self._locks.hold(offset, offset + length):
+            self._forget(offset, length, fence=True)  # clusters may be freed: fence
             await self._call(partial(self.top.may_block, "zeroes", offset, length),
                              partial(self.top.write_zeroes, unmap=unmap), offset, length)
         self._count_zeroes(offset, length, unmap, t0)
@@ -432,6 +480,7 @@ class BlockDevice:
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
             if self.remote is not None:
+                self._forget(start, end - start)
                 return await self.remote.copy_up(self.top, start, end, base, zeroes)
             return await self._copy_up_locked(start, end, base, zeroes)
 
@@ -450,6 +499,7 @@ class BlockDevice:
             raise ValueError(f"unknown bitmap operation {op!r}")
         if bitmaps is None:
             raise _oserror(errno.ENOTSUP, f"drive {self.drive_id} has no dirty bitmaps")
+        self._table_reset()  # writes in place must be recorded from now on
         await self._threaded(partial(getattr(bitmaps, op), *args, **kwargs))
 
     async def block_status(self, offset: int, length: int, *, base: Image | None = None
@@ -473,32 +523,9 @@ class BlockDevice:
         return self._locks.busy
 
     async def seek(self, offset: int, whence: int) -> int:
-        """lseek's SEEK_DATA / SEEK_HOLE over the guest view. A hole is a range known to read
-        as zeroes (zero clusters, or nothing in the chain holds it); the end is a hole."""
+        """lseek's SEEK_DATA / SEEK_HOLE over the guest view (vdisk/block/seek.py)."""
         self._check_open()
-        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
-            raise _oserror(errno.EINVAL, f"whence {whence}")
-        if offset < 0 or offset >= self.size:
-            raise _oserror(errno.ENXIO, "offset past the end")
-        want_data = whence == os.SEEK_DATA
-        off = offset
-        steps = 0
-        while off < self.size:
-            n = self.size - off
-            if self.remote is not None:
-                run, _, status = await self.remote.status(self.top, off, n, None)
-            else:
-                run, _, status = await self._call(partial(self._chain_blocks, "status", off, n),
-                                                  chain_status, self.top, off, n)
-            if (status is Status.DATA) == want_data:
-                return off
-            off += run
-            steps += 1
-            if steps % 64 == 0:
-                await trio.lowlevel.checkpoint()  # a very fragmented image: let others run
-        if want_data:
-            raise _oserror(errno.ENXIO, "no data after the offset")
-        return self.size
+        return await seek_in(self, offset, whence)
 
     def chain(self) -> list[Image]:
         """The live chain, top first."""
@@ -533,6 +560,7 @@ class BlockDevice:
             name = self.backing_name_for(new_backing)
         fmt = None if new_backing is None else new_backing.format_name
         async with self._locks.hold_all():
+            self._table_reset()  # the table may name the files dropped here
             await self._threaded(top.flush)
             await self._threaded(top.set_backing, name, fmt)
             dropped: list[Image] = []
@@ -559,6 +587,7 @@ class BlockDevice:
             if self._closed:
                 return
             self._closed = True
+            self._table_reset()
             err: BaseException | None = None
             below = self.remote.below if self.remote is not None else trio.Lock()
             async with below:  # no status call of the layers below is under way

@@ -13,6 +13,7 @@ adds on slotted attributes; nothing is allocated per request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 now = time.monotonic_ns  # the clock every request is timed with
@@ -28,7 +29,7 @@ COUNTERS = (
 class IOStats:
     """Counters of one drive's completed user requests (QEMU's BlockDeviceStats)."""
 
-    __slots__ = (*COUNTERS, "last_ns")
+    __slots__ = (*COUNTERS, "last_ns", "outside")
 
     def __init__(self) -> None:
         self.rd_bytes = self.wr_bytes = self.unmap_bytes = 0
@@ -37,7 +38,10 @@ class IOStats:
         self.rd_total_time_ns = self.wr_total_time_ns = 0
         self.flush_total_time_ns = self.unmap_total_time_ns = 0
         self.wr_highest_offset = 0  # the end of the highest write
-        self.last_ns = 0  # when the last request ended (0: none yet)
+        self.last_ns = 0  # when the last request ended here (0: none yet)
+        # the counters of requests served outside the block layer (the FUSE fast path:
+        # vdisk/fuse/fastpath.py), by the names in COUNTERS plus last_ns
+        self.outside: Callable[[], dict[str, int]] | None = None
 
     def read(self, length: int, start_ns: int) -> None:
         """A read of `length` bytes that began at start_ns has ended."""
@@ -72,8 +76,22 @@ class IOStats:
         self.last_ns = end
 
     def counters(self) -> dict[str, int]:
-        """Every counter by its QMP name."""
-        return {name: getattr(self, name) for name in COUNTERS}
+        """Every counter by its QMP name, with the requests served outside added."""
+        out = {name: getattr(self, name) for name in COUNTERS}
+        if self.outside is not None:
+            more = self.outside()
+            for name in COUNTERS:
+                if name == "wr_highest_offset":
+                    out[name] = max(out[name], more.get(name, 0))
+                else:
+                    out[name] += more.get(name, 0)
+        return out
+
+    def last_request_ns(self) -> int:
+        """When the last user request ended (0: none yet), wherever it was served."""
+        if self.outside is None:
+            return self.last_ns
+        return max(self.last_ns, self.outside().get("last_ns", 0))
 
     def as_qmp(self) -> dict[str, Any]:
         """QEMU 7.2's BlockDeviceStats. Failed and invalid requests are not accounted
@@ -89,8 +107,9 @@ class IOStats:
             "account_invalid": False, "account_failed": False,
             "timed_stats": [],
         })
-        if self.last_ns:
-            out["idle_time_ns"] = now() - self.last_ns
+        last = self.last_request_ns()
+        if last:
+            out["idle_time_ns"] = now() - last
         return out
 
 

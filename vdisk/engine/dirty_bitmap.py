@@ -133,6 +133,11 @@ class BitmapSet:
         for bm in self._recording:
             bm.mark(offset, length)
 
+    @property
+    def recording(self) -> bool:
+        """True while some bitmap records writes (mark() does something)."""
+        return bool(self._recording)
+
     def _changed(self) -> None:
         self._recording = [bm for bm in self.bitmaps if bm.recording and not bm.readonly]
 

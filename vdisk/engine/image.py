@@ -12,7 +12,7 @@ import abc
 import enum
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from vdisk.engine.remote import RemoteSource
@@ -35,6 +35,19 @@ class Extent:
     offset: int
     length: int
     status: Status
+
+
+class Location(NamedTuple):
+    """Where a range of the guest view lies, for a reader that serves it on its own
+    (fast_location): fd's bytes at host, or zeroes when fd is -1."""
+
+    fd: int
+    host: int
+    writable: bool  # a write of the range may go to fd at host with nothing else to do
+    depth: int  # the layer that holds it: 0 for the image asked, 1 for its backing, ...
+
+
+ZERO_LOCATION = Location(-1, 0, False, 0)
 
 
 class Image(abc.ABC):
@@ -76,6 +89,13 @@ class Image(abc.ABC):
     def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
         """(fd, host offset, bytes) when a prefix of the range is plain data in this file,
         for copying it in the kernel; None when it is not (the default)."""
+        return None
+
+    def fast_location(self, offset: int, length: int) -> Location | None:
+        """Where all of [offset, offset+length) (inside one cluster) reads from, decided
+        from what is in memory: this file, a backing file, or zeroes; None when a read
+        needs the driver (compressed, partly allocated, not cached, remote...), the
+        default. Valid until the next call that changes the image or its chain."""
         return None
 
     def remote_location(self, offset: int, length: int) -> tuple[RemoteSource, int, int] | None:

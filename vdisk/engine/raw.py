@@ -16,7 +16,7 @@ from typing import Any
 
 from vdisk.engine import blocking
 from vdisk.engine.dirty_bitmap import BitmapSet
-from vdisk.engine.image import Extent, Image, Status
+from vdisk.engine.image import Extent, Image, Location, Status
 from vdisk.engine.locking import lock_image, perms_for, unlock_image
 from vdisk.engine.probe import PROBE_SIZE, detect_format
 from vdisk.errors import ImageError, ReadOnlyError, UnsupportedImageError
@@ -240,6 +240,17 @@ class RawImage(Image):
 
     def fileno(self) -> int:
         return self.fd
+
+    def fast_location(self, offset: int, length: int) -> Location | None:
+        """Image.fast_location: the file's own bytes (a probed raw image's first sector
+        is guarded, so it is never written in place)."""
+        if self._closed or offset < 0 or length <= 0 or offset + length > self.virtual_size:
+            return None
+        if offset + length > self._file_size():
+            return None
+        writable = (not self.read_only and not self.bm.recording
+                    and not (self.probed and offset < PROBE_SIZE))
+        return Location(self.fd, offset, writable, 0)
 
     def may_block(self, op: str, offset: int, length: int) -> bool:
         """A raw file syncs only on flush and close: only a large transfer blocks."""

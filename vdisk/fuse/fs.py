@@ -71,6 +71,10 @@ class DriveFS(pyfuse3.Operations):
     def init(self) -> None:
         self.initialized.set()
 
+    def devices(self) -> list[tuple[int, BlockDevice]]:
+        """(inode, device) of every drive file."""
+        return list(self._by_ino.items())
+
     def _device(self, inode: int) -> BlockDevice:
         dev = self._by_ino.get(inode)
         if dev is None:

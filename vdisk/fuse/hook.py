@@ -70,6 +70,8 @@ class _State:
     lseek_cb: CFuncPtr | None = None
     shim: CFuncPtr | None = None
     tables: list[object] = []
+    # each is called with the copied ops table before libfuse gets it (fastpath.py)
+    ops_filters: list[Callable[[ctypes.Array[ctypes.c_char]], None]] = []
 
 
 def _got_slot(so_path: str, symbol: str) -> int:
@@ -180,6 +182,8 @@ def _session_new(args: int, ops: int, op_size: int, userdata: int) -> int:
         if cb is not None and (slot + 1) * _PTR <= op_size:  # libfuse reads op_size bytes
             ptr = ctypes.cast(cb, ctypes.c_void_p).value
             ctypes.c_void_p.from_buffer(table, slot * _PTR).value = ptr
+    for fn in _State.ops_filters:
+        fn(table)
     _State.tables.append(table)  # libfuse copies the table, but keep it anyway
     assert _State.real_new is not None
     return _State.real_new(args, ctypes.addressof(table), op_size, userdata) or 0
@@ -193,9 +197,6 @@ def install() -> bool:
         log.warning("pyfuse3 %s has its own fallocate: not patching it", pyfuse3.__version__)
         return False
     try:
-        so_path = pyfuse3.__file__
-        assert so_path is not None
-        slot = _load_base(so_path) + _got_slot(so_path, "fuse_session_new")
         lib = ctypes.CDLL("libfuse3.so.3")
         real = ctypes.cast(lib.fuse_session_new, ctypes.c_void_p).value
         if real is None:
@@ -212,12 +213,29 @@ def install() -> bool:
         _State.fallocate_cb = _FALLOCATE(_on_fallocate)
         _State.lseek_cb = _LSEEK(_on_lseek)
         _State.shim = shim = _SESSION_NEW(_session_new)
-        ctypes.c_void_p.from_address(slot).value = ctypes.cast(shim, ctypes.c_void_p).value
+        target = ctypes.cast(shim, ctypes.c_void_p).value
+        assert target is not None
+        patch_plt("fuse_session_new", target)
     except (OSError, AssertionError, AttributeError, ValueError, struct.error) as e:
         log.warning("fallocate and SEEK_DATA/SEEK_HOLE support unavailable: %s", e)
         return False
     _State.installed = True
     return True
+
+
+def add_ops_filter(fn: Callable[[ctypes.Array[ctypes.c_char]], None]) -> None:
+    """Let fn change the ops table (a copy of pyfuse3's) before fuse_session_new."""
+    if fn not in _State.ops_filters:
+        _State.ops_filters.append(fn)
+
+
+def patch_plt(symbol: str, target: int) -> None:
+    """Point pyfuse3's PLT slot for the libfuse function symbol at target (a C function's
+    address). Raises OSError (or AssertionError) when the slot cannot be found."""
+    so_path = pyfuse3.__file__
+    assert so_path is not None
+    slot = _load_base(so_path) + _got_slot(so_path, symbol)
+    ctypes.c_void_p.from_address(slot).value = target
 
 
 def set_handler(

@@ -44,6 +44,7 @@ from vdisk.block.device import BlockDevice
 from vdisk.engine.chain import close_chain, iter_chain, open_chain
 from vdisk.engine.image import Image
 from vdisk.errors import ImageError, VdiskError
+from vdisk.fuse import fastpath
 from vdisk.fuse import hook as fuse_hook
 from vdisk.fuse.fs import DriveFS, mount_options
 from vdisk.service.metrics import Address, serve_metrics
@@ -329,7 +330,14 @@ class Daemon:
         try:
             self._name_nodes()
             fuse_hook.install()
+            fast = fastpath.install()
             self._ops = DriveFS({d.id: d.device for d in self._drives.values()})
+            if fast:
+                fastpath.begin_mount()
+                for inode, device in self._ops.devices():
+                    table = fastpath.table_for(inode, device.size, device.top.cluster_size)
+                    if table is not None:
+                        device.attach_table(table)
             try:
                 pyfuse3.init(self._ops, self.mount, mount_options(
                     allow_other=self.config.allow_other))

@@ -78,17 +78,17 @@ class DriveCollector:
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        drives = list(self._drives())
+        drives = [(drive, stats.counters()) for drive, stats in self._drives()]
         for name, text, attr, scale in COUNTERS:
             family = CounterMetricFamily(name, text, labels=["drive"])
-            for drive, stats in drives:
-                value = getattr(stats, attr)
+            for drive, counts in drives:
+                value = counts[attr]
                 family.add_metric([drive], value * scale if scale != 1 else value)
             yield family
         gauge = GaugeMetricFamily("vdisk_write_highest_offset_bytes",
                                   "End of the highest write.", labels=["drive"])
-        for drive, stats in drives:
-            gauge.add_metric([drive], stats.wr_highest_offset)
+        for drive, counts in drives:
+            gauge.add_metric([drive], counts["wr_highest_offset"])
         yield gauge
 
 

@@ -46,7 +46,7 @@ import os
 from typing import Any, NamedTuple
 
 from vdisk.engine.blocking import INLINE_COPY
-from vdisk.engine.image import Extent, Image, Status
+from vdisk.engine.image import ZERO_LOCATION, Extent, Image, Location, Status
 from vdisk.engine.locking import unlock_image
 from vdisk.engine.qcow2.alloc import Allocator
 from vdisk.engine.qcow2.bitmaps import Qcow2Bitmaps
@@ -68,6 +68,7 @@ from vdisk.engine.qcow2.header import (
 from vdisk.engine.qcow2.layout import (
     COMP,
     COMPRESSED,
+    COPIED,
     DATA,
     OFFSET_MASK,
     UNALLOC,
@@ -397,6 +398,49 @@ class Qcow2Image(Image):
         if run.kind != DATA or run.host + run.length > self.f.size:
             return None
         return run.host, run.length
+
+    def fast_location(self, offset: int, length: int) -> Location | None:
+        """Image.fast_location from one cached L2 entry (standard entries only): written in
+        place only when the cluster is owned, no bitmap records writes and the header
+        changes of the first write are done."""
+        cs = self.cluster_size
+        if self._closed or self.extended_l2 or length <= 0 or (offset & (cs - 1)) + length > cs:
+            return None
+        cmap = self.map
+        l1i = offset >> cmap.chunk_bits
+        if offset < 0 or offset + length > self.virtual_size or l1i >= len(cmap.l1):
+            return None
+        l1e = cmap.l1[l1i]
+        e = 0
+        if l1e & OFFSET_MASK:
+            table = cmap.l2.get(l1e & OFFSET_MASK)
+            if table is None:
+                return None
+            e = table[(offset >> self.cluster_bits) & (cmap.l2_entries - 1)]
+        off = e & OFFSET_MASK
+        if e & COMPRESSED or off & (cs - 1):
+            return None
+        if self.version >= 3 and e & ZERO:
+            return ZERO_LOCATION
+        if not off:
+            bk = self.backing
+            if e:
+                return None
+            if bk is None or offset >= bk.virtual_size:
+                return ZERO_LOCATION
+            below = bk.fast_location(offset, length) if offset + length <= bk.virtual_size \
+                else None
+            return None if below is None else below._replace(writable=False,
+                                                             depth=below.depth + 1)
+        host = off + (offset & (cs - 1))
+        if host + length > self.f.size:
+            return None
+        writable = bool(not self.read_only and self.writer is not None and not self.corrupt
+                        and self._prepared and not self.bm.recording and e & COPIED
+                        and l1e & COPIED)
+        if writable:
+            self._guard(off >> self.cluster_bits, 1)  # never metadata (raises: corrupt)
+        return Location(self.f.fd, host, writable, 0)
 
     def data_location(self, offset: int, length: int) -> tuple[int, int, int] | None:
         found = self.plain_run(offset, length)
