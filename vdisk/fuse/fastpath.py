@@ -151,7 +151,6 @@ class FastTable:
         self._h = handle
         self.cluster_bits = cluster_bits
         self._slots: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> file slot
-        self._stats = lib.vdfp_stats(handle)
 
     def known(self, cluster: int) -> bool:
         return bool(self._lib.vdfp_entry(self._h, cluster))
@@ -190,9 +189,10 @@ class FastTable:
         self._slots.clear()
 
     def counters(self) -> dict[str, int]:
-        if not self._stats:
+        stats = self._lib.vdfp_stats(self._h)  # NULL once the mount is gone
+        if not stats:
             return {}
-        s = self._stats.contents
+        s = stats.contents
         return {name: int(getattr(s, name)) for name in _STAT_NAMES}
 
 
