@@ -117,7 +117,8 @@ def test_setup_rebuilds_the_venv_a_failed_python3_venv_left(set_up: SetUp) -> No
                              text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("vdisk "), version
     assert (venv / ".installed").read_text().strip() == functions(
-        "sha256sum pyproject.toml", cwd=set_up.copy).stdout.split()[0]
+        "cat pyproject.toml vdisk/fuse/fastpath.c | sha256sum", cwd=set_up.copy).stdout.split()[0]
+    assert list((set_up.copy / "vdisk" / "fuse").glob("_fastpath*.so"))  # the C fast path
 
 
 def test_setup_second_run_is_silent_and_quick(set_up: SetUp) -> None:

@@ -111,7 +111,7 @@ def install() -> bool:
     if _Lib.installed:
         return True
     if os.environ.get("VDISK_FAST_PATH", "1") == "0":
-        log.info("FUSE fast path off (VDISK_FAST_PATH=0)")
+        log.debug("FUSE fast path off (VDISK_FAST_PATH=0)")
         return False
     if not hook.install():
         return False
@@ -133,7 +133,6 @@ def install() -> bool:
         return False
     hook.add_ops_filter(_filter_ops)
     _Lib.installed = True
-    log.info("FUSE fast path on (%d reader threads)", FAST_THREADS)
     return True
 
 

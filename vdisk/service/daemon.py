@@ -358,6 +358,8 @@ class Daemon:
                         "serving %s at %s, QMP at %s", ", ".join(self._drives) or "no drives",
                         self.mount, self.qmp_path,
                     )
+                    log.info("FUSE fast path %s", f"on ({fastpath.FAST_THREADS} reader "
+                             "threads)" if fast else "off: every request is served in Python")
                     for drive in self._drives.values():
                         log.info("%s", describe_drive(drive))
                         for note in probe_notes(drive):
