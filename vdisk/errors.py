@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+
+def oserror(code: int, what: str) -> OSError:
+    """OSError(code) whose message is the errno's text, then what."""
+    return OSError(code, f"{os.strerror(code)}: {what}")
+
 
 class VdiskError(Exception):
     """Base of every error shown to the user as one line (no traceback)."""

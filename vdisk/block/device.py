@@ -38,6 +38,7 @@ from vdisk.block.seek import seek_in
 from vdisk.block.stats import IOStats, now
 from vdisk.engine.chain import chain_status, iter_chain
 from vdisk.engine.image import Image, Status
+from vdisk.errors import oserror as _oserror
 
 log = logging.getLogger("vdisk.device")
 
@@ -57,10 +58,6 @@ GUEST_QUIET_NS = 50_000_000
 
 def _always() -> bool:
     return True
-
-
-def _oserror(code: int, what: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {what}")
 
 
 class BlockDevice:

@@ -11,6 +11,7 @@ import trio
 
 from vdisk.engine.chain import chain_status
 from vdisk.engine.image import Status
+from vdisk.errors import oserror
 
 if TYPE_CHECKING:
     from vdisk.block.device import BlockDevice
@@ -20,9 +21,9 @@ async def seek_in(dev: BlockDevice, offset: int, whence: int) -> int:
     """The offset SEEK_DATA / SEEK_HOLE gives. A hole is a range known to read as zeroes
     (zero clusters, or nothing in the chain holds it); the end is a hole."""
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
-        raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: whence {whence}")
+        raise oserror(errno.EINVAL, f"whence {whence}")
     if offset < 0 or offset >= dev.size:
-        raise OSError(errno.ENXIO, f"{os.strerror(errno.ENXIO)}: offset past the end")
+        raise oserror(errno.ENXIO, "offset past the end")
     want_data = whence == os.SEEK_DATA
     off = offset
     steps = 0
@@ -40,5 +41,5 @@ async def seek_in(dev: BlockDevice, offset: int, whence: int) -> int:
         if steps % 64 == 0:
             await trio.lowlevel.checkpoint()  # a very fragmented image: let others run
     if want_data:
-        raise OSError(errno.ENXIO, f"{os.strerror(errno.ENXIO)}: no data after the offset")
+        raise oserror(errno.ENXIO, "no data after the offset")
     return dev.size

@@ -165,13 +165,16 @@ void vdfp_clear(int h, uint64_t first, uint64_t count) {
             atomic_store(&d->map[c], 0);
 }
 
+static void fence(struct drive *d) {
+    pthread_rwlock_wrlock(&d->lock);
+    pthread_rwlock_unlock(&d->lock);
+}
+
 /* Wait until no request uses an entry cleared before this call. */
 void vdfp_fence(int h) {
     struct drive *d = get(h);
-    if (!d)
-        return;
-    pthread_rwlock_wrlock(&d->lock);
-    pthread_rwlock_unlock(&d->lock);
+    if (d)
+        fence(d);
 }
 
 /* Clear every entry, fence, and close the drive's file slots. */
@@ -468,10 +471,8 @@ void vdfp_session_exit(struct fuse_session *se) {
     real_exit(se);
     atomic_store(&stopping, 1);
     int n = atomic_load(&ndrives);
-    for (int i = 0; i < n; i++) {
-        pthread_rwlock_wrlock(&drives[i]->lock);
-        pthread_rwlock_unlock(&drives[i]->lock);
-    }
+    for (int i = 0; i < n; i++)
+        fence(drives[i]);
 }
 
 /* pyfuse3's fuse_session_destroy (pyfuse3.close): join the readers first. */
