@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
+import importlib.util
 import sys
 from typing import NoReturn
 
-from vdisk import __version__
+from vdisk import __version__, lazyimport
 from vdisk.errors import VdiskError
+
+# trio's TLS helpers would load OpenSSL at start-up; only remote https:// bases use it
+lazyimport.defer("ssl", "hmac")
 
 EPILOG = """\
 examples:
@@ -37,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of `only` alone if that names one (so that
+    `vdisk serve` does not import what the other commands need)."""
     parser = _Parser(
         prog="vdisk",
         description="Serve qcow2/raw backing chains as raw files over FUSE, with "
@@ -47,10 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vdisk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
+    if only and not only.startswith("_") and only.isidentifier() \
+            and importlib.util.find_spec(f"{__name__}.{only}") is not None:
+        names = [only]
+    else:
+        import pkgutil
+
+        names = sorted(m.name for m in pkgutil.iter_modules(__path__)
+                       if not m.name.startswith("_"))
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
@@ -58,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words[0] if words else None)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

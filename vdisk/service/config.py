@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +187,8 @@ def _metrics(where: str, data: dict[str, Any], base_dir: str) -> Address | None:
 
 def load_config(path: str) -> FileConfig:
     """Read and check a config file; VdiskError (one line) on any problem."""
+    import tomllib  # here: a daemon started without --config does not need it
+
     path = os.path.abspath(path)
     try:
         with open(path, "rb") as f:

@@ -47,6 +47,7 @@ from vdisk.errors import ImageError, VdiskError
 from vdisk.fuse import fastpath
 from vdisk.fuse import hook as fuse_hook
 from vdisk.fuse.fs import DriveFS, mount_options
+from vdisk.service.memory import release_unused
 from vdisk.service.metrics import Address, serve_metrics
 from vdisk.service.mounts import (
     prepare_mountpoint,
@@ -372,6 +373,7 @@ class Daemon:
                             self.failed = True
                             self.request_quit("host-error")
                     self._served = not self.failed
+                    release_unused()
                     await self._quit.wait()
                     await self._stop()
                     root.cancel_scope.cancel()

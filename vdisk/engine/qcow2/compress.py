@@ -6,7 +6,10 @@ import errno
 import io
 import zlib
 
-import zstandard
+from vdisk import lazyimport
+
+lazyimport.defer("zstandard")  # its C library loads when a zstd cluster is first met
+import zstandard  # noqa: E402
 
 COMPRESSION_DEFLATE = 0
 COMPRESSION_ZSTD = 1
