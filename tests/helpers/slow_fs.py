@@ -2,8 +2,9 @@
 
 slow_sync_file(): serves SRC read-write as MOUNT/disk through FUSE; every fsync and
 fdatasync sleeps DELAY seconds before it syncs SRC, as a slow disk or a network file
-system would, and is counted in SRC.syncs (one line per sync: its duration). It runs this
-module as its own process:
+system would, and is counted in SRC.syncs (one line per sync: its duration); while a file
+SRC.slow-reads exists, every read sleeps DELAY seconds too. It runs this module as its own
+process:
 
     python tests/helpers/slow_fs.py SRC MOUNT DELAY
 
@@ -45,6 +46,8 @@ class SlowSyncFile(FaultyFile):
         return pyfuse3.FileInfo(fh=INO, direct_io=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if os.path.exists(self.src + ".slow-reads"):
+            await trio.sleep(self.delay)
         return os.pread(self.fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

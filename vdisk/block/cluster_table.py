@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import trio
+
 from vdisk.engine.image import Image, Location
 
 log = logging.getLogger("vdisk.device")
@@ -41,6 +43,9 @@ class ClusterTable(Protocol):
 
     def fence(self) -> None:
         """Return once no request uses an entry withdrawn before the call."""
+
+    def try_fence(self) -> bool:
+        """fence() if no request uses the table now (True), else False without waiting."""
 
     def reset(self) -> None:
         """Withdraw every entry and fence (the files the table named are let go)."""
@@ -85,14 +90,45 @@ class TableKeeper:
             log.debug("cluster table: %s", e)
             table.reset()
 
-    def forget(self, offset: int, length: int, *, fence: bool = False) -> None:
-        """Before a call that may change where [offset, offset+length) lies; fence when
-        it may free or reuse clusters."""
+    def forget(self, offset: int, length: int) -> None:
+        """Before a call that may change where [offset, offset+length) lies."""
         if length > 0:
             first = offset >> self.bits
             self.table.forget(first, ((offset + length - 1) >> self.bits) - first + 1)
-        if fence:
-            self.table.fence()
+
+    async def forget_fenced(self, offset: int, length: int) -> None:
+        """forget, then wait for requests still using the withdrawn entries: before a
+        call that may free or reuse clusters. A request in the table may be waiting for
+        the disk, so that wait runs in a worker thread, not on the event loop."""
+        self.forget(offset, length)
+        if not self.table.try_fence():
+            await trio.to_thread.run_sync(self.table.fence)
 
     def reset(self) -> None:
+        """Withdraw everything and let the files go; waits for requests in the table on
+        the calling thread (only the synchronous error paths call this)."""
         self.table.reset()
+
+    async def reset_fenced(self) -> None:
+        """reset, with the wait for requests in the table in a worker thread."""
+        await self.forget_fenced(0, self.size)
+        self.table.reset()  # nothing uses the table now: this does not wait
+
+
+class NoTable:
+    """The TableKeeper of a drive with no table: every call does nothing."""
+
+    def publish(self, top: Image, offset: int, length: int) -> None:
+        pass
+
+    def forget(self, offset: int, length: int) -> None:
+        pass
+
+    async def forget_fenced(self, offset: int, length: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    async def reset_fenced(self) -> None:
+        pass

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from vdisk.block.cluster_table import ClusterTable, TableKeeper
+from vdisk.block.cluster_table import ClusterTable, NoTable, TableKeeper
 from vdisk.block.fetch import DEFAULT_INFLIGHT
 from vdisk.block.rangelock import RangeLock
 from vdisk.block.remote_chain import RemoteChain, has_remote_below
@@ -89,7 +89,7 @@ class BlockDevice:
         self.remote: RemoteChain | None = None
         self._update_remote()
         self.stats = IOStats()  # the users' requests (query-blockstats)
-        self._table: TableKeeper | None = None  # see attach_table
+        self._table: TableKeeper | NoTable = NoTable()  # see attach_table
 
     def attach_table(self, table: ClusterTable) -> None:
         """Keep table true from now on (vdisk/block/cluster_table.py): the requests it
@@ -97,14 +97,6 @@ class BlockDevice:
         self._table = TableKeeper(table, self.size, copy_on_read=self.copy_on_read,
                                   read_only=self.read_only)
         self.stats.outside = table.counters
-
-    def _table_reset(self) -> None:
-        if self._table is not None:
-            self._table.reset()
-
-    def _forget(self, offset: int, length: int, *, fence: bool = False) -> None:
-        if self._table is not None:
-            self._table.forget(offset, length, fence=fence)
 
     def _update_remote(self) -> None:
         if not has_remote_below(self.top):
@@ -129,7 +121,7 @@ class BlockDevice:
                     return await self._in_thread(fn, *args)
                 return fn(*args)
         except Exception:
-            self._table_reset()  # e.g. corruption found: the table may be wrong now
+            await self._table.reset_fenced()  # e.g. corruption found: the table may be wrong
             raise
 
     def _chain_blocks(self, op: str, offset: int, length: int) -> bool:
@@ -149,7 +141,7 @@ class BlockDevice:
             async with self._engine_lock:
                 return await self._in_thread(fn, *args)
         except Exception:
-            self._table_reset()
+            await self._table.reset_fenced()
             raise
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
@@ -249,7 +241,7 @@ class BlockDevice:
         top = self.top
         if top.backing is None or top.backing is base:
             return 0
-        self._forget(start, end - start)
+        self._table.forget(start, end - start)
         copied = 0
         off = start
         if pieces is None:
@@ -301,11 +293,10 @@ class BlockDevice:
         try:
             data = top.read(offset, length) if length else b""
         except Exception:
-            self._table_reset()
+            self._table.reset()
             raise
         self.stats.read(length, t0)
-        if self._table is not None:
-            self._table.publish(top, offset, length)
+        self._table.publish(top, offset, length)
         return data
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -392,16 +383,14 @@ class BlockDevice:
         t0 = now()
         table = self._table
         if data:
-            if table is not None:
-                table.forget(offset, len(data))
+            table.forget(offset, len(data))
             try:
                 self.top.write(offset, data)
             except Exception:
-                self._table_reset()
+                table.reset()
                 raise
         self.stats.write(offset, len(data), t0)
-        if table is not None:
-            table.publish(self.top, offset, len(data))
+        table.publish(self.top, offset, len(data))
         return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -413,14 +402,14 @@ class BlockDevice:
         if self.remote is not None:
             start, end = self._span(offset, len(data))
             async with self._locks.hold(start, end):
-                self._forget(start, end - start)
+                self._table.forget(start, end - start)
                 await self._fill_partial(self.remote, offset, len(data))
                 await self._call(partial(self.top.may_block, "write", offset, len(data)),
                                  self.top.write, offset, data)
             self.stats.write(offset, len(data), t0)
             return
         async with self._locks.hold(offset, offset + len(data)):
-            self._forget(offset, len(data))
+            self._table.forget(offset, len(data))
             await self._call(partial(self.top.may_block, "write", offset, len(data)),
                              self.top.write, offset, data)
         self.stats.write(offset, len(data), t0)
@@ -434,14 +423,14 @@ class BlockDevice:
         if self.remote is not None:
             start, end = self._span(offset, length)
             async with self._locks.hold(start, end):
-                self._forget(start, end - start, fence=True)  # clusters may be freed: fence
+                await self._table.forget_fenced(start, end - start)
                 await self._fill_partial(self.remote, offset, length)
                 await self._call(partial(self.top.may_block, "zeroes", offset, length),
                                  partial(self.top.write_zeroes, unmap=unmap), offset, length)
             self._count_zeroes(offset, length, unmap, t0)
             return
         async with self._locks.hold(offset, offset + length):
-            self._forget(offset, length, fence=True)  # clusters may be freed: fence
+            await self._table.forget_fenced(offset, length)
             await self._call(partial(self.top.may_block, "zeroes", offset, length),
                              partial(self.top.write_zeroes, unmap=unmap), offset, length)
         self._count_zeroes(offset, length, unmap, t0)
@@ -477,7 +466,7 @@ class BlockDevice:
         start, end = self._span(offset, min(length, self.size - offset))
         async with self._locks.hold(start, end):
             if self.remote is not None:
-                self._forget(start, end - start)
+                self._table.forget(start, end - start)
                 return await self.remote.copy_up(self.top, start, end, base, zeroes)
             return await self._copy_up_locked(start, end, base, zeroes)
 
@@ -496,7 +485,7 @@ class BlockDevice:
             raise ValueError(f"unknown bitmap operation {op!r}")
         if bitmaps is None:
             raise _oserror(errno.ENOTSUP, f"drive {self.drive_id} has no dirty bitmaps")
-        self._table_reset()  # writes in place must be recorded from now on
+        await self._table.reset_fenced()  # writes in place must be recorded from now on
         await self._threaded(partial(getattr(bitmaps, op), *args, **kwargs))
 
     async def block_status(self, offset: int, length: int, *, base: Image | None = None
@@ -557,7 +546,7 @@ class BlockDevice:
             name = self.backing_name_for(new_backing)
         fmt = None if new_backing is None else new_backing.format_name
         async with self._locks.hold_all():
-            self._table_reset()  # the table may name the files dropped here
+            await self._table.reset_fenced()  # the table may name the files dropped here
             await self._threaded(top.flush)
             await self._threaded(top.set_backing, name, fmt)
             dropped: list[Image] = []
@@ -584,7 +573,7 @@ class BlockDevice:
             if self._closed:
                 return
             self._closed = True
-            self._table_reset()
+            await self._table.reset_fenced()
             err: BaseException | None = None
             below = self.remote.below if self.remote is not None else trio.Lock()
             async with below:  # no status call of the layers below is under way

@@ -177,6 +177,18 @@ void vdfp_fence(int h) {
         fence(d);
 }
 
+/* vdfp_fence if no request is in the table now (1), else 0 at once: the caller fences
+ * in a thread that may wait (a request may be waiting for the disk). */
+int vdfp_try_fence(int h) {
+    struct drive *d = get(h);
+    if (!d)
+        return 1;
+    if (pthread_rwlock_trywrlock(&d->lock) != 0)
+        return 0;
+    pthread_rwlock_unlock(&d->lock);
+    return 1;
+}
+
 /* Clear every entry, fence, and close the drive's file slots. */
 static void reset(struct drive *d) {
     pthread_rwlock_wrlock(&d->lock);

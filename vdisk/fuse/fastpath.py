@@ -68,6 +68,7 @@ def _load() -> ctypes.CDLL | None:
         ("vdfp_set", [i, u64, u64], None),
         ("vdfp_clear", [i, u64, u64], None),
         ("vdfp_fence", [i], None),
+        ("vdfp_try_fence", [i], i),
         ("vdfp_reset", [i], None),
         ("vdfp_entry", [i, u64], u64),
         ("vdfp_stats", [i], ctypes.POINTER(_Stats)),
@@ -182,6 +183,9 @@ class FastTable:
 
     def fence(self) -> None:
         self._lib.vdfp_fence(self._h)
+
+    def try_fence(self) -> bool:
+        return bool(self._lib.vdfp_try_fence(self._h))
 
     def reset(self) -> None:
         self._lib.vdfp_reset(self._h)
