@@ -7,9 +7,9 @@ blocks in glibc's heap that it keeps for reuse; an idle daemon does not need the
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,7 @@ def release_unused() -> int:
     gc.collect()
     before = _rss()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own libc (no ldconfig run)
     except (OSError, AttributeError):
         return 0
     trim.argtypes = [ctypes.c_size_t]
@@ -35,6 +34,6 @@ def release_unused() -> int:
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
